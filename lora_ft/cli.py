@@ -1,0 +1,182 @@
+"""Command line: parse arguments, call the library, report. The one place that prints and picks exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+# CLI flag -> RunConfig key, for the flags every training command shares.
+TRAIN_FLAGS: list[tuple[str, type, str]] = [
+    ("--model", str, "Hub id, alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), folder, or smollm2-135m"),
+    ("--data", str, "data file (default: $LORA_FT_DATA_DIR, then the cache, then download)"),
+    ("--output", str, "adapter folder to write (default: adapters/<task>-<model>-<timestamp>)"),
+    ("--epochs", float, "training epochs"),
+    ("--max-steps", int, "stop after this many optimiser steps"),
+    ("--batch-size", int, "training batch size"),
+    ("--eval-batch-size", int, "evaluation batch size"),
+    ("--lr", float, "learning rate"),
+    ("--weight-decay", float, "AdamW weight decay"),
+    ("--warmup-ratio", float, "share of steps spent warming up the learning rate"),
+    ("--lora-r", int, "LoRA rank"),
+    ("--lora-alpha", int, "LoRA alpha (scale = alpha / r)"),
+    ("--lora-dropout", float, "dropout on the LoRA input"),
+    ("--max-length", int, "longest input in tokens; longer ones are truncated"),
+    ("--seed", int, "seed for the split, the initialisation and the data order"),
+]
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="recipe YAML; flags given here override it")
+    for flag, kind, text in TRAIN_FLAGS:
+        parser.add_argument(flag, type=kind, help=text)
+    parser.add_argument("--target-modules", nargs="+", help="module names to adapt (default: per architecture)")
+    parser.add_argument(
+        "--balance",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="undersample larger classes to the smallest (default: on)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora_ft", description="LoRA fine-tuning of GPT-2 with PEFT.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    spam = commands.add_parser("spam", help="train a LoRA text classifier (SMS spam vs. ham by default)")
+    _add_train_flags(spam)
+
+    predict = commands.add_parser("predict", help="label texts with a trained classifier adapter")
+    predict.add_argument("adapter", help="adapter folder")
+    predict.add_argument("texts", nargs="*", help="texts to classify")
+    predict.add_argument("--file", help="a file with one text per line ('-' for standard input)")
+    predict.add_argument("--json", action="store_true", help='one {"text", "label", "score"} object per line')
+
+    evaluate = commands.add_parser("eval", help="recompute an adapter's test metrics from its manifest")
+    evaluate.add_argument("adapter", help="adapter folder")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    for sub in commands.choices.values():
+        _add_common(sub)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = [flag[2:].replace("-", "_") for flag, _, _ in TRAIN_FLAGS] + ["target_modules", "balance"]
+    return {key: getattr(args, key) for key in keys}
+
+
+METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "loss")
+
+
+def _metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
+    lines = ["split  " + "".join(f"{c:>11}" for c in METRIC_COLUMNS) + "   n"]
+    for split, values in metrics.items():
+        row = "".join(f"{values[c]:>11.4f}" for c in METRIC_COLUMNS)
+        lines.append(f"{split:<7}{row}   {values['examples']}")
+    return "\n".join(lines)
+
+
+def run_spam(args: argparse.Namespace) -> int:
+    from . import spam
+    from .config import load_config
+
+    config = load_config("spam", args.config, _overrides(args))
+    result = spam.train(config, overwrite=args.overwrite)
+    training = result.manifest["training"]
+    print(_metrics_table(result.manifest["metrics"]))
+    print(
+        f"trained {training['steps']} steps in {training['seconds']:.1f} s; best val accuracy "
+        f"{training['best_val_accuracy']:.4f} at step {training['best_step']}"
+    )
+    print(f"adapter: {result.adapter_dir}")
+    return 0
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    texts = list(args.texts)
+    if args.file == "-":
+        texts += [line for line in sys.stdin.read().splitlines() if line.strip()]
+    elif args.file:
+        try:
+            texts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{args.file}: cannot read ({e})") from None
+    if not texts:
+        raise UserError("nothing to classify: give TEXT arguments, --file F, or --file - for standard input")
+    return texts
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from . import spam
+
+    for p in spam.predict(args.adapter, _read_texts(args)):
+        if args.json:
+            print(json.dumps({"text": p.text, "label": p.label, "score": round(p.score, 6)}, ensure_ascii=False))
+        else:
+            print(f"{p.label}\t{p.score:.4f}\t{p.text}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from . import spam
+
+    metrics, manifest = spam.evaluate(args.adapter)
+    recorded = manifest["metrics"]["test"]
+    same = all(metrics[k] == recorded.get(k) for k in (*METRIC_COLUMNS, "confusion_matrix"))
+    if args.json:
+        print(json.dumps({"test": metrics, "matches_manifest": same}, indent=2))
+    else:
+        print(_metrics_table({"test": metrics}))
+        labels = list(manifest["labels"])
+        print(f"confusion matrix (rows: true {labels}, columns: predicted): {metrics['confusion_matrix']}")
+        print("matches the manifest" if same else f"DIFFERS from the manifest: {recorded}")
+    return 0 if same else 1
+
+
+COMMANDS = {"spam": run_spam, "predict": run_predict, "eval": run_eval}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1

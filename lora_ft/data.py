@@ -1,0 +1,222 @@
+"""Data files: where they are found (or downloaded), how they are parsed, balanced and split."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+DATA_DIR_ENV = "LORA_FT_DATA_DIR"
+CACHE_DIR_ENV = "LORA_FT_CACHE_DIR"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    """A public data file: where it lives under a data directory, where to download it, what it hashes to."""
+
+    relpath: str
+    url: str
+    sha256: str
+    zip_member: str | None = None
+
+
+SMS_SPAM = KnownDataset(
+    relpath="sms_spam_collection/SMSSpamCollection",
+    url="https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+    sha256="7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
+    zip_member="SMSSpamCollection",
+)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_ft"
+
+
+def resolve_data_file(known: KnownDataset, path: str | None = None) -> Path:
+    """`path` if given; else $LORA_FT_DATA_DIR/<relpath>; else the user cache; else download into the cache."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UserError(f"{p}: data file not found")
+        return p.resolve()
+    if os.environ.get(DATA_DIR_ENV):
+        p = Path(os.environ[DATA_DIR_ENV]) / known.relpath
+        if p.is_file():
+            return p.resolve()
+    cached = cache_dir() / known.relpath
+    if cached.is_file():
+        return cached
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        raise UserError(
+            f"{known.relpath} is not in ${DATA_DIR_ENV} or the cache ({cache_dir()}) and HF_HUB_OFFLINE is set: "
+            f"pass --data PATH or set {DATA_DIR_ENV}"
+        )
+    download(known, cached)
+    return cached
+
+
+def download(known: KnownDataset, dest: Path) -> None:
+    """Fetch `known.url` (unzipping `zip_member`), check its sha256, then move it into `dest` atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        raw = Path(tmp) / "download"
+        try:
+            with urllib.request.urlopen(known.url, timeout=60) as response, open(raw, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                    for block in iter(lambda: response.read(1 << 16), b""):
+                        out.write(block)
+                        bar.update(len(block))
+        except OSError as e:
+            raise UserError(
+                f"cannot download {known.url} ({e}): connect to the internet, pass --data PATH, "
+                f"or put the file at ${DATA_DIR_ENV}/{known.relpath}"
+            ) from None
+        payload = raw
+        if known.zip_member is not None:
+            try:
+                with zipfile.ZipFile(raw) as archive:
+                    archive.extract(known.zip_member, tmp)
+            except (zipfile.BadZipFile, KeyError) as e:
+                raise UserError(f"{known.url}: not a zip holding {known.zip_member} ({e})") from None
+            payload = Path(tmp) / known.zip_member
+        actual = sha256_file(payload)
+        if actual != known.sha256:
+            raise UserError(f"{known.url}: sha256 {actual} does not match the expected {known.sha256}")
+        os.replace(payload, dest)
+
+
+# --- labelled text (classification) -------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if not data.strip():
+        raise UserError(f"{path}: data file is empty")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line} is not UTF-8 text") from None
+
+
+def _label_text_lines(path: Path, text: str) -> list[tuple[str, str]]:
+    """`label<TAB>text` per line, split on the first tab only: messages contain quotes and tabs."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise UserError(f"{path}: line {number} has no tab between label and text")
+        label, message = line.split("\t", 1)
+        rows.append((label.strip(), message))
+    return rows
+
+
+def _table_rows(path: Path, text: str) -> list[tuple[str, str]]:
+    """Rows of a CSV/TSV with a header naming `text` and `label` columns, or of a JSONL file."""
+    if path.suffix.lower() in (".jsonl", ".json"):
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {number} is not JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}: line {number} is not a JSON object")
+            records.append((number, record))
+    else:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+        records = [(number, record) for number, record in enumerate(reader, start=2)]
+        if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
+            raise UserError(f"{path}: needs a header with 'text' and 'label' columns, got {reader.fieldnames}")
+    rows = []
+    for number, record in records:
+        missing = [k for k in ("text", "label") if record.get(k) is None]
+        if missing:
+            raise UserError(f"{path}: line {number} has no '{missing[0]}'")
+        rows.append((str(record["label"]).strip(), str(record["text"])))
+    return rows
+
+
+def read_labeled(path: Path) -> list[tuple[str, str]]:
+    """(label, text) pairs. `.csv`, `.jsonl` and `.tsv` with a text/label header are tables; any other file
+    (the SMS Spam Collection has no extension) is `label<TAB>text` lines."""
+    text = _read_text(path)
+    first_line = text.splitlines()[0].lower().split("\t")
+    is_table = path.suffix.lower() in (".csv", ".jsonl", ".json") or (
+        path.suffix.lower() == ".tsv" and {"text", "label"} <= {c.strip() for c in first_line}
+    )
+    rows = _table_rows(path, text) if is_table else _label_text_lines(path, text)
+    for label, message in rows:
+        if not message.strip():
+            raise UserError(f"{path}: a row labelled '{label}' has empty text")
+        if not label:
+            raise UserError(f"{path}: a row has an empty label (text: {message[:40]!r})")
+    if len({label for label, _ in rows}) < 2:
+        raise UserError(f"{path}: needs at least two different labels, found {sorted({r[0] for r in rows})}")
+    return rows
+
+
+def split_indices(n: int, fractions: tuple[float, ...], rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle 0..n-1 and cut it by `fractions`; the last split takes the remainder."""
+    order = rng.permutation(n)
+    cuts, start = [], 0
+    for fraction in fractions[:-1]:
+        cuts.append(order[start : start + int(n * fraction)])
+        start += int(n * fraction)
+    cuts.append(order[start:])
+    return cuts
+
+
+def classification_splits(
+    rows: list[tuple[str, str]], seed: int, balance: bool, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+) -> DatasetDict:
+    """Balance (undersample every class to the smallest one) and split train/val/test; `seed` fixes both."""
+    names = sorted({label for label, _ in rows})
+    labels = np.array([names.index(label) for label, _ in rows])
+    rng = np.random.default_rng(seed)
+    keep = np.arange(len(rows))
+    if balance:
+        smallest = min(np.bincount(labels))
+        per_class = [rng.choice(np.flatnonzero(labels == c), smallest, replace=False) for c in range(len(names))]
+        keep = np.sort(np.concatenate(per_class))
+    parts = split_indices(len(keep), fractions, rng)
+    if min(len(p) for p in parts) == 0:
+        raise UserError(f"{len(keep)} rows are too few for a {'/'.join(str(f) for f in fractions)} split")
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    return DatasetDict(
+        {
+            split: Dataset.from_dict(
+                {"text": [rows[i][1] for i in keep[part]], "label": labels[keep[part]].tolist()}, features=features
+            )
+            for split, part in zip(SPLITS, parts, strict=True)
+        }
+    )

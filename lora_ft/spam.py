@@ -1,0 +1,263 @@
+"""Text classification (SMS spam vs. ham, or any labelled text): LoRA + a trained `score` head, HF Trainer."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from peft import PeftModel, TaskType, get_peft_model
+from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
+from transformers import (
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from . import adapters, data, models
+from .config import RunConfig
+from .errors import UserError
+
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    manifest: dict[str, Any]
+    model: PeftModel
+
+
+@dataclass
+class Prediction:
+    text: str
+    label: str
+    score: float
+
+
+def load_splits(config: RunConfig) -> tuple[Path, DatasetDict]:
+    """The data file, and its balanced train/val/test split fixed by `config.seed`."""
+    path = data.resolve_data_file(data.SMS_SPAM, config.data)
+    rows = data.read_labeled(path)
+    return path, data.classification_splits(rows, config.seed, config.balance, SPLIT_FRACTIONS)
+
+
+def tokenize(dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Any:
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    return dataset.map(encode, batched=True, remove_columns=["text"])
+
+
+def classification_metrics(labels: np.ndarray, logits: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """Accuracy, precision/recall/F1 (of label 1 for two classes, macro-averaged for more), loss, confusion."""
+    predictions = logits.argmax(-1)
+    ids = list(range(len(names)))
+    average = "binary" if len(names) == 2 else "macro"
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predictions, labels=ids, average=average, zero_division=0
+    )
+    probabilities = torch.softmax(torch.from_numpy(logits).double(), -1).numpy()
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "loss": float(log_loss(labels, probabilities, labels=ids)),
+        "positive_label": names[1] if average == "binary" else None,
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=ids).tolist(),
+        "examples": len(labels),
+    }
+
+
+def predict_logits(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, batch_size: int
+) -> np.ndarray:
+    """Logits for every row of a tokenized dataset, in order (used at the end of training and by eval)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none", disable_tqdm=True
+        )
+        trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
+        output = trainer.predict(dataset.remove_columns([c for c in dataset.column_names if c == "label"]))
+    logits = output.predictions
+    return logits[0] if isinstance(logits, tuple) else logits
+
+
+def _training_args(config: RunConfig, output_dir: Path, train_rows: int) -> TrainingArguments:
+    steps_per_epoch = math.ceil(train_rows / config.batch_size)
+    # With --max-steps, evaluate (and keep the best) every epoch or at the last step, whichever comes first.
+    period = min(steps_per_epoch, config.max_steps) if config.max_steps else None
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,
+        eval_strategy="steps" if period else "epoch",
+        save_strategy="steps" if period else "epoch",
+        eval_steps=period,
+        save_steps=period,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        save_total_limit=1,
+        save_only_model=True,
+        logging_steps=max(1, min(steps_per_epoch, config.max_steps or steps_per_epoch) // 10),
+        train_sampling_strategy="group_by_length",
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+
+
+def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
+    """Train a LoRA classifier and write its adapter folder; returns the folder, manifest and trained model."""
+    source = models.resolve_model(config.model)
+    output = Path(config.output) if config.output else adapters.default_output("spam", source.short_name)
+    adapters.check_output_free(output, overwrite)
+    data_path, splits = load_splits(config)
+    names = splits["train"].features["label"].names
+
+    set_seed(config.seed)  # the new head and the LoRA matrices are initialised from this
+    tokenizer = models.load_tokenizer(source)
+    base = models.load_classifier_base(source, tokenizer, names)
+    base_info = models.describe_base(source, base)
+    lora = models.lora_config(
+        base, TaskType.SEQ_CLS, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules
+    )
+    model = get_peft_model(base, lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    encoded = tokenize(splits, tokenizer, config.max_length)
+
+    with adapters.staged(output, overwrite) as tmp:
+        trainer = Trainer(
+            model=model,
+            args=_training_args(config, tmp / "checkpoints", len(encoded["train"])),
+            train_dataset=encoded["train"],
+            eval_dataset=encoded["val"],
+            data_collator=DataCollatorWithPadding(tokenizer),
+            processing_class=tokenizer,
+            compute_metrics=lambda p: {
+                k: v
+                for k, v in classification_metrics(p.label_ids, p.predictions, names).items()
+                if isinstance(v, float)
+            },
+        )
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+        model.eval()
+        metrics = {
+            split: classification_metrics(
+                np.array(encoded[split]["label"]),
+                predict_logits(model, tokenizer, encoded[split], config.eval_batch_size),
+                names,
+            )
+            for split in data.SPLITS
+        }
+        shutil.rmtree(tmp / "checkpoints")
+        model.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template; lora_ft.json says more
+        tokenizer.save_pretrained(tmp)
+        manifest = {
+            "task": "spam",
+            "created": adapters.now_iso(),
+            "config": config.to_dict(),
+            "base": base_info,
+            "lora": {
+                "target_modules": sorted(lora.target_modules),
+                "fan_in_fan_out": lora.fan_in_fan_out,
+                "modules_to_save": sorted(model.modules_to_save or []),
+                "trainable_parameters": trainable,
+                "total_parameters": total,
+            },
+            "data": {
+                "path": str(data_path),
+                "sha256": data.sha256_file(data_path),
+                "balanced": config.balance,
+                "fractions": list(SPLIT_FRACTIONS),
+                "seed": config.seed,
+                "split_sizes": {split: len(splits[split]) for split in data.SPLITS},
+                "truncated": {
+                    split: sum(n >= config.max_length for n in map(len, encoded[split]["input_ids"]))
+                    for split in data.SPLITS
+                },
+            },
+            "labels": {name: i for i, name in enumerate(names)},
+            "metrics": metrics,
+            "training": {
+                "seconds": round(train_seconds, 2),
+                "steps": trainer.state.global_step,
+                "epochs": trainer.state.epoch,
+                "best_step": _step_of(trainer.state.best_model_checkpoint),
+                "best_val_accuracy": trainer.state.best_metric,
+                "device": str(trainer.args.device),
+                "precision": "fp32",
+                "log_history": trainer.state.log_history,
+            },
+            "versions": adapters.library_versions(),
+        }
+        adapters.write_manifest(tmp, manifest)
+        adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
+        adapters.plot_confusion(metrics["test"]["confusion_matrix"], names, tmp / "confusion_matrix.png", "test")
+    return TrainResult(output, manifest, model)
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
+
+
+def load(adapter: str | Path) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Base (as the manifest names it) + adapter, in eval mode, with the adapter's tokenizer and manifest."""
+    manifest = adapters.read_manifest(adapter)
+    if manifest.get("task") != "spam":
+        raise UserError(f"{adapter}: a '{manifest.get('task')}' adapter, not a classifier")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    names = sorted(manifest["labels"], key=manifest["labels"].get)
+    base: PreTrainedModel = models.load_classifier_base(models.source_from_manifest(manifest["base"]), tokenizer, names)
+    model = PeftModel.from_pretrained(base, adapter)
+    model.eval()
+    return model, tokenizer, manifest
+
+
+def predict(adapter: str | Path, texts: list[str], batch_size: int = 32) -> list[Prediction]:
+    model, tokenizer, manifest = load(adapter)
+    names = sorted(manifest["labels"], key=manifest["labels"].get)
+    encoded = tokenize(Dataset.from_dict({"text": texts}), tokenizer, manifest["config"]["max_length"])
+    probabilities = torch.softmax(torch.from_numpy(predict_logits(model, tokenizer, encoded, batch_size)), -1)
+    best = probabilities.max(-1)
+    return [
+        Prediction(text, names[i], float(p))
+        for text, i, p in zip(texts, best.indices.tolist(), best.values.tolist(), strict=True)
+    ]
+
+
+def evaluate(adapter: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rebuild the adapter's test split from its manifest and recompute the test metrics.
+    Returns (recomputed test metrics, manifest)."""
+    model, tokenizer, manifest = load(adapter)
+    config = RunConfig(**manifest["config"])
+    recorded = Path(manifest["data"]["path"])
+    config.data = str(recorded) if recorded.is_file() else config.data
+    data_path, splits = load_splits(config)
+    if data.sha256_file(data_path) != manifest["data"]["sha256"]:
+        raise UserError(f"{data_path}: not the data this adapter was trained on (sha256 differs from the manifest)")
+    names = splits["test"].features["label"].names
+    test = tokenize(splits["test"], tokenizer, config.max_length)
+    logits = predict_logits(model, tokenizer, test, config.eval_batch_size)
+    return classification_metrics(np.array(test["label"]), logits, names), manifest

@@ -1,0 +1,67 @@
+"""Shared fixtures: the real data and tokenizer from ../shared, a small random-weight GPT-2, a trained adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("LORA_FT_SHARED", REPO.parent / "shared"))
+DATA_DIR = SHARED / "data"
+GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
+
+# Every test (and every CLI subprocess they start) reads data from ../shared and never reaches a network.
+os.environ["LORA_FT_DATA_DIR"] = str(DATA_DIR)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not (DATA_DIR / "sms_spam_collection" / "SMSSpamCollection").is_file() or not GPT2_TOKENIZER.is_dir():
+        pytest.exit(f"tests need the shared data and tokenizer at {SHARED} (set LORA_FT_SHARED)", returncode=4)
+
+
+def make_tiny_gpt2(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer, 64-wide GPT-2 with random weights and the real GPT-2 tokenizer, saved as a checkpoint."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=256)).save_pretrained(folder)
+    GPT2TokenizerFast.from_pretrained(GPT2_TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+def tree_sha256(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def run_cli(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m lora_ft ARGS` in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "lora_ft", *args], input=stdin, capture_output=True, text=True, cwd=cwd or REPO,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def spam_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A LoRA classifier trained on the real SMS split for a few dozen steps; the base hashed before and after."""
+    from lora_ft import spam
+    from lora_ft.config import load_config
+
+    before = tree_sha256(tiny_gpt2)
+    output = tmp_path_factory.mktemp("adapters") / "spam-tiny"
+    config = load_config("spam", overrides={"model": str(tiny_gpt2), "output": str(output), "max_steps": 40})
+    result = spam.train(config)
+    return result, before

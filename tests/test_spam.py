@@ -1,0 +1,188 @@
+"""Train a LoRA classifier on a small random-weight GPT-2 with the real tokenizer and the real SMS data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_ft import spam
+from lora_ft.config import load_config
+
+from .conftest import run_cli, tree_sha256
+
+TEXTS = [
+    "WINNER!! You have been selected to receive a £900 prize reward! Call 09061701461 now",
+    "see you at 5",
+    "Ok lar... Joking wif u oni...",
+    "FREE entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121",
+]
+
+# Plain transformers + PEFT, nothing from lora_ft: what a user elsewhere would write.
+RELOAD = """
+import sys, numpy as np, torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+base, adapter, out = sys.argv[1:4]
+texts = sys.argv[4:]
+tokenizer = AutoTokenizer.from_pretrained(adapter)
+model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+model = PeftModel.from_pretrained(model, adapter).eval()
+with torch.no_grad():
+    logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+np.save(out, logits.numpy())
+"""
+
+
+def logits_of(model, tokenizer, texts):
+    with torch.no_grad():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+
+
+def test_adapter_folder_contents(spam_run, tiny_gpt2: Path):
+    result, _ = spam_run
+    folder = result.adapter_dir
+    names = {f.name for f in folder.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "lora_ft.json", "loss.png", "confusion_matrix.png",
+            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not any(n.startswith(("checkpoint", ".")) for n in names)
+    assert not list(folder.parent.glob(".*tmp*")), "the temp folder was renamed away"
+
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_gpt2)
+    assert adapter_config["task_type"] == "SEQ_CLS"
+    assert adapter_config["fan_in_fan_out"] is True
+    assert set(adapter_config["target_modules"]) == {"c_attn", "c_proj", "c_fc"}
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    assert all("lora_" in k or ".score." in k for k in tensors), sorted(tensors)[:5]
+    assert any(".score." in k for k in tensors), "the trained classification head is saved with the adapter"
+    # 13 MB random base with a 50k-token embedding; the adapter carries no base weights.
+    base_bytes = (tiny_gpt2 / "model.safetensors").stat().st_size
+    assert (folder / "adapter_model.safetensors").stat().st_size < 0.05 * base_bytes
+
+    for png in ("loss.png", "confusion_matrix.png"):
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_manifest(spam_run, tiny_gpt2: Path):
+    result, _ = spam_run
+    manifest = json.loads((result.adapter_dir / "lora_ft.json").read_text())
+    assert manifest == json.loads(json.dumps(result.manifest))
+    assert manifest["task"] == "spam"
+    assert manifest["config"]["max_steps"] == 40 and manifest["config"]["seed"] == 123
+    assert manifest["base"]["kind"] == "local" and manifest["base"]["location"] == str(tiny_gpt2)
+    assert len(manifest["base"]["weights_sha256"]) == 64
+    assert manifest["data"]["sha256"] == "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+    assert manifest["data"]["split_sizes"] == {"train": 1045, "val": 149, "test": 300}
+    assert manifest["labels"] == {"ham": 0, "spam": 1}
+    for split, n in (("train", 1045), ("val", 149), ("test", 300)):
+        m = manifest["metrics"][split]
+        assert m["examples"] == n
+        assert np.array(m["confusion_matrix"]).sum() == n
+        assert m["accuracy"] == pytest.approx(np.trace(m["confusion_matrix"]) / n)
+        assert {"precision", "recall", "f1", "loss"} <= set(m)
+    assert manifest["training"]["steps"] == 40 and manifest["training"]["seconds"] > 0
+    assert {"torch", "transformers", "peft", "datasets"} <= set(manifest["versions"])
+    assert manifest["lora"]["trainable_parameters"] < manifest["lora"]["total_parameters"] * 0.1
+
+
+def test_training_learns_something(spam_run):
+    # 40 steps on a random 2-layer model: well above the 50% of a balanced coin, not yet good.
+    assert spam_run[0].manifest["metrics"]["test"]["accuracy"] > 0.6
+
+
+def test_base_weights_untouched(spam_run, tiny_gpt2: Path):
+    _, before = spam_run
+    assert tree_sha256(tiny_gpt2) == before
+
+
+def test_plain_peft_reload_in_fresh_process_gives_same_logits(spam_run, tiny_gpt2: Path, tmp_path: Path):
+    result, _ = spam_run
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(result.adapter_dir)
+    expected = logits_of(result.model.eval(), tokenizer, TEXTS)
+    out = tmp_path / "logits.npy"
+    subprocess.run([sys.executable, "-c", RELOAD, str(tiny_gpt2), str(result.adapter_dir), str(out), *TEXTS],
+                   check=True, capture_output=True)
+    reloaded = np.load(out)
+    assert reloaded.shape == (len(TEXTS), 2)
+    assert np.abs(reloaded - expected).max() <= 1e-5
+    # Padding must not change a message's logits: the head pools the last real token.
+    alone = logits_of(result.model, tokenizer, TEXTS[1:2])
+    assert np.abs(alone - expected[1:2]).max() <= 1e-5
+
+
+def test_eval_recomputes_manifest_metrics(spam_run):
+    result, _ = spam_run
+    done = run_cli("eval", str(result.adapter_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["matches_manifest"] is True
+    assert report["test"]["accuracy"] == result.manifest["metrics"]["test"]["accuracy"]
+    assert report["test"]["confusion_matrix"] == result.manifest["metrics"]["test"]["confusion_matrix"]
+
+
+def test_predict_cli_matches_library(spam_run):
+    result, _ = spam_run
+    done = run_cli("predict", str(result.adapter_dir), TEXTS[0], "--file", "-", "--json", stdin="\n".join(TEXTS[1:]))
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["text"] for line in lines] == TEXTS
+    library = spam.predict(result.adapter_dir, TEXTS)
+    assert [line["label"] for line in lines] == [p.label for p in library]
+    assert all(line["label"] in {"ham", "spam"} and 0.5 <= line["score"] <= 1 for line in lines)
+    assert [line["score"] for line in lines] == pytest.approx([p.score for p in library], abs=1e-6)
+
+    plain = run_cli("predict", str(result.adapter_dir), "see you at 5")
+    assert plain.returncode == 0 and plain.stdout.split("\t")[2].strip() == "see you at 5"
+
+
+def test_same_seed_same_split_and_weights(tiny_gpt2: Path, tmp_path: Path):
+    def run(seed: int, name: str):
+        config = load_config("spam", overrides={"model": str(tiny_gpt2), "output": str(tmp_path / name),
+                                                "max_steps": 8, "seed": seed})
+        result = spam.train(config)
+        tensors = load_file(result.adapter_dir / "adapter_model.safetensors")
+        return result.manifest, tensors
+
+    first, weights_a = run(7, "a")
+    second, weights_b = run(7, "b")
+    other, weights_c = run(8, "c")
+    assert first["metrics"] == second["metrics"]
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert any(not torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
+    assert first["metrics"]["test"]["confusion_matrix"] != other["metrics"]["test"]["confusion_matrix"] or \
+        first["metrics"]["test"]["loss"] != other["metrics"]["test"]["loss"]
+
+
+def test_user_csv_with_own_labels(tiny_gpt2: Path, tmp_path: Path):
+    rows = [("the meeting moved to 3pm", "work"), ("dinner at mum's on sunday?", "family"),
+            ("your invoice #442 is attached", "work"), ("happy birthday sis!!", "family"),
+            ("quarterly report due friday", "work"), ("grandma says hi", "family")] * 8
+    csv_path = tmp_path / "mail.csv"
+    csv_path.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows))
+    done = run_cli("spam", "--model", str(tiny_gpt2), "--data", str(csv_path), "--max-steps", "6",
+                   "--output", str(tmp_path / "mail"))
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "mail" / "lora_ft.json").read_text())
+    assert manifest["labels"] == {"family": 0, "work": 1}
+    assert manifest["data"]["path"] == str(csv_path)
+    labels = {p.label for p in spam.predict(tmp_path / "mail", ["see you sunday", "invoice attached"])}
+    assert labels <= {"family", "work"}
+
+
+def test_existing_output_is_refused_and_kept(spam_run, tiny_gpt2: Path):
+    result, _ = spam_run
+    before = tree_sha256(result.adapter_dir)
+    done = run_cli("spam", "--model", str(tiny_gpt2), "--max-steps", "2", "--output", str(result.adapter_dir))
+    assert done.returncode == 2
+    assert "already exists" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert tree_sha256(result.adapter_dir) == before
