@@ -102,6 +102,9 @@ def run_spam(args: argparse.Namespace) -> int:
         f"trained {training['steps']} steps in {training['seconds']:.1f} s; best val accuracy "
         f"{training['best_val_accuracy']:.4f} at step {training['best_step']}"
     )
+    truncated = result.manifest["data"]["truncated"]
+    if any(truncated.values()):
+        print(f"truncated to {config.max_length} tokens: {truncated}")
     print(f"adapter: {result.adapter_dir}")
     return 0
 

@@ -84,15 +84,28 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray, names: list[s
 def predict_logits(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, batch_size: int
 ) -> np.ndarray:
-    """Logits for every row of a tokenized dataset, in order (used at the end of training and by eval)."""
+    """Logits for every row of a tokenized dataset, in order (used at the end of training and by eval).
+    Rows run shortest first, so that a batch pads to similar lengths; the result is put back in order."""
+    order = _length_order(dataset)
+    rows = dataset.select(order).remove_columns([c for c in dataset.column_names if c == "label"])
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none", disable_tqdm=True
         )
         trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
-        output = trainer.predict(dataset.remove_columns([c for c in dataset.column_names if c == "label"]))
-    logits = output.predictions
-    return logits[0] if isinstance(logits, tuple) else logits
+        logits = trainer.predict(rows).predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return logits[np.argsort(order)]
+
+
+def _scalar_metrics(labels: np.ndarray, logits: np.ndarray | tuple, names: list[str]) -> dict[str, float]:
+    """What Trainer logs for each evaluation on val (and uses to pick the best epoch)."""
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {k: v for k, v in classification_metrics(labels, logits, names).items() if isinstance(v, float)}
+
+
+def _length_order(dataset: Dataset) -> np.ndarray:
+    return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
 
 
 def _training_args(config: RunConfig, output_dir: Path, train_rows: int) -> TrainingArguments:
@@ -122,6 +135,7 @@ def _training_args(config: RunConfig, output_dir: Path, train_rows: int) -> Trai
         data_seed=config.seed,
         report_to="none",
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -149,14 +163,10 @@ def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
             model=model,
             args=_training_args(config, tmp / "checkpoints", len(encoded["train"])),
             train_dataset=encoded["train"],
-            eval_dataset=encoded["val"],
+            eval_dataset=encoded["val"].select(_length_order(encoded["val"])),  # less padding, same metrics
             data_collator=DataCollatorWithPadding(tokenizer),
             processing_class=tokenizer,
-            compute_metrics=lambda p: {
-                k: v
-                for k, v in classification_metrics(p.label_ids, p.predictions, names).items()
-                if isinstance(v, float)
-            },
+            compute_metrics=lambda p: _scalar_metrics(p.label_ids, p.predictions, names),
         )
         started = time.perf_counter()
         trainer.train()

@@ -44,7 +44,11 @@ def tree_sha256(folder: Path) -> dict[str, str]:
 def run_cli(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m lora_ft ARGS` in a fresh process."""
     return subprocess.run(
-        [sys.executable, "-m", "lora_ft", *args], input=stdin, capture_output=True, text=True, cwd=cwd or REPO,
+        [sys.executable, "-m", "lora_ft", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
         timeout=600,
     )
 

@@ -48,7 +48,7 @@ def test_unbalanced_split_keeps_every_row():
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
 def test_user_tables_with_any_label_names(tmp_path: Path, suffix: str):
-    examples = [("great, \"really\" great", "positive"), ("awful", "negative"), ("meh", "neutral")] * 10
+    examples = [('great, "really" great', "positive"), ("awful", "negative"), ("meh", "neutral")] * 10
     path = tmp_path / f"reviews{suffix}"
     if suffix == ".jsonl":
         path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in examples))

@@ -29,8 +29,15 @@ def test_gpt2_targets_are_conv1d_projections(tiny_gpt2: Path):
 
 
 def test_other_architectures_get_attention_and_mlp_projections():
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=100, num_labels=2)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+        num_labels=2,
+    )
     model = LlamaForSequenceClassification(config)
     targets, fan_in_fan_out = models.lora_targets(model)
     assert targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

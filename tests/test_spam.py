@@ -47,8 +47,15 @@ def test_adapter_folder_contents(spam_run, tiny_gpt2: Path):
     result, _ = spam_run
     folder = result.adapter_dir
     names = {f.name for f in folder.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "lora_ft.json", "loss.png", "confusion_matrix.png",
-            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "lora_ft.json",
+        "loss.png",
+        "confusion_matrix.png",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     assert not any(n.startswith(("checkpoint", ".")) for n in names)
     assert not list(folder.parent.glob(".*tmp*")), "the temp folder was renamed away"
 
@@ -108,8 +115,11 @@ def test_plain_peft_reload_in_fresh_process_gives_same_logits(spam_run, tiny_gpt
     tokenizer = AutoTokenizer.from_pretrained(result.adapter_dir)
     expected = logits_of(result.model.eval(), tokenizer, TEXTS)
     out = tmp_path / "logits.npy"
-    subprocess.run([sys.executable, "-c", RELOAD, str(tiny_gpt2), str(result.adapter_dir), str(out), *TEXTS],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tiny_gpt2), str(result.adapter_dir), str(out), *TEXTS],
+        check=True,
+        capture_output=True,
+    )
     reloaded = np.load(out)
     assert reloaded.shape == (len(TEXTS), 2)
     assert np.abs(reloaded - expected).max() <= 1e-5
@@ -145,8 +155,9 @@ def test_predict_cli_matches_library(spam_run):
 
 def test_same_seed_same_split_and_weights(tiny_gpt2: Path, tmp_path: Path):
     def run(seed: int, name: str):
-        config = load_config("spam", overrides={"model": str(tiny_gpt2), "output": str(tmp_path / name),
-                                                "max_steps": 8, "seed": seed})
+        config = load_config(
+            "spam", overrides={"model": str(tiny_gpt2), "output": str(tmp_path / name), "max_steps": 8, "seed": seed}
+        )
         result = spam.train(config)
         tensors = load_file(result.adapter_dir / "adapter_model.safetensors")
         return result.manifest, tensors
@@ -158,21 +169,32 @@ def test_same_seed_same_split_and_weights(tiny_gpt2: Path, tmp_path: Path):
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert any(not torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
-    assert first["metrics"]["test"]["confusion_matrix"] != other["metrics"]["test"]["confusion_matrix"] or \
-        first["metrics"]["test"]["loss"] != other["metrics"]["test"]["loss"]
+    assert (
+        first["metrics"]["test"]["confusion_matrix"] != other["metrics"]["test"]["confusion_matrix"]
+        or first["metrics"]["test"]["loss"] != other["metrics"]["test"]["loss"]
+    )
 
 
 def test_user_csv_with_own_labels(tiny_gpt2: Path, tmp_path: Path):
-    rows = [("the meeting moved to 3pm", "work"), ("dinner at mum's on sunday?", "family"),
-            ("your invoice #442 is attached", "work"), ("happy birthday sis!!", "family"),
-            ("quarterly report due friday", "work"), ("grandma says hi", "family")] * 8
+    rows = [
+        ("the meeting moved to 3pm", "work"),
+        ("dinner at mum's on sunday?", "family"),
+        ("your invoice #442 is attached", "work"),
+        ("happy birthday sis!!", "family"),
+        ("quarterly report due friday", "work"),
+        ("grandma says hi", "family"),
+    ] * 8
     csv_path = tmp_path / "mail.csv"
     csv_path.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows))
-    done = run_cli("spam", "--model", str(tiny_gpt2), "--data", str(csv_path), "--max-steps", "6",
-                   "--output", str(tmp_path / "mail"))
+    done = run_cli(
+        "spam", "--model", str(tiny_gpt2), "--data", str(csv_path), "--epochs", "4", "--output", str(tmp_path / "mail")
+    )
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "mail" / "lora_ft.json").read_text())
     assert manifest["labels"] == {"family": 0, "work": 1}
+    # Four evaluations on val; the adapter written is the best of them, not the last.
+    assert sum("eval_accuracy" in entry for entry in manifest["training"]["log_history"]) == 4
+    assert manifest["metrics"]["val"]["accuracy"] == manifest["training"]["best_val_accuracy"]
     assert manifest["data"]["path"] == str(csv_path)
     labels = {p.label for p in spam.predict(tmp_path / "mail", ["see you sunday", "invoice attached"])}
     assert labels <= {"family", "work"}
