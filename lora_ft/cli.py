@@ -161,6 +161,7 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # weight loading; Trainer's own bars stay
     datasets.disable_progress_bars()
 
 

@@ -22,6 +22,7 @@ from .errors import UserError
 DATA_DIR_ENV = "LORA_FT_DATA_DIR"
 CACHE_DIR_ENV = "LORA_FT_CACHE_DIR"
 SPLITS = ("train", "val", "test")
+CLASSIFICATION_FRACTIONS = (0.7, 0.1, 0.2)
 
 
 @dataclass(frozen=True)
@@ -137,20 +138,34 @@ def _label_text_lines(path: Path, text: str) -> list[tuple[str, str]]:
     return rows
 
 
-def _table_rows(path: Path, text: str) -> list[tuple[str, str]]:
-    """Rows of a CSV/TSV with a header naming `text` and `label` columns, or of a JSONL file."""
-    if path.suffix.lower() in (".jsonl", ".json"):
-        records = []
+def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, object) for a `.json` list of objects or a `.jsonl` file of one object per line."""
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {e.lineno} is not JSON ({e.msg})") from None
+        numbered = list(enumerate(items, start=1))
+        where = "item"
+    else:
+        numbered = []
         for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {number} is not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}: line {number} is not a JSON object")
-            records.append((number, record))
+            if line.strip():
+                try:
+                    numbered.append((number, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {number} is not JSON ({e.msg})") from None
+        where = "line"
+    for number, record in numbered:
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: {where} {number} is not a JSON object")
+    return numbered
+
+
+def _table_rows(path: Path, text: str) -> list[tuple[str, str]]:
+    """Rows of a CSV/TSV with a header naming `text` and `label` columns, or of a JSON list / JSONL file."""
+    if path.suffix.lower() in (".jsonl", ".json"):
+        records = _json_records(path, text)
     else:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
@@ -197,7 +212,10 @@ def split_indices(n: int, fractions: tuple[float, ...], rng: np.random.Generator
 
 
 def classification_splits(
-    rows: list[tuple[str, str]], seed: int, balance: bool, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    rows: list[tuple[str, str]],
+    seed: int,
+    balance: bool,
+    fractions: tuple[float, float, float] = CLASSIFICATION_FRACTIONS,
 ) -> DatasetDict:
     """Balance (undersample every class to the smallest one) and split train/val/test; `seed` fixes both."""
     names = sorted({label for label, _ in rows})

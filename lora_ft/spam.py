@@ -29,8 +29,6 @@ from . import adapters, data, models
 from .config import RunConfig
 from .errors import UserError
 
-SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
-
 
 @dataclass
 class TrainResult:
@@ -46,11 +44,13 @@ class Prediction:
     score: float
 
 
-def load_splits(config: RunConfig) -> tuple[Path, DatasetDict]:
-    """The data file, and its balanced train/val/test split fixed by `config.seed`."""
+def load_splits(
+    config: RunConfig, fractions: tuple[float, float, float] = data.CLASSIFICATION_FRACTIONS
+) -> tuple[Path, DatasetDict]:
+    """The data file, and its (balanced) train/val/test split fixed by `config.seed`."""
     path = data.resolve_data_file(data.SMS_SPAM, config.data)
     rows = data.read_labeled(path)
-    return path, data.classification_splits(rows, config.seed, config.balance, SPLIT_FRACTIONS)
+    return path, data.classification_splits(rows, config.seed, config.balance, fractions)
 
 
 def tokenize(dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Any:
@@ -200,7 +200,7 @@ def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
                 "path": str(data_path),
                 "sha256": data.sha256_file(data_path),
                 "balanced": config.balance,
-                "fractions": list(SPLIT_FRACTIONS),
+                "fractions": list(data.CLASSIFICATION_FRACTIONS),
                 "seed": config.seed,
                 "split_sizes": {split: len(splits[split]) for split in data.SPLITS},
                 "truncated": {
@@ -260,13 +260,17 @@ def predict(adapter: str | Path, texts: list[str], batch_size: int = 32) -> list
 def evaluate(adapter: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rebuild the adapter's test split from its manifest and recompute the test metrics.
     Returns (recomputed test metrics, manifest)."""
-    model, tokenizer, manifest = load(adapter)
+    manifest = adapters.read_manifest(adapter)
     config = RunConfig(**manifest["config"])
     recorded = Path(manifest["data"]["path"])
     config.data = str(recorded) if recorded.is_file() else config.data
-    data_path, splits = load_splits(config)
+    data_path, splits = load_splits(config, tuple(manifest["data"]["fractions"]))
     if data.sha256_file(data_path) != manifest["data"]["sha256"]:
         raise UserError(f"{data_path}: not the data this adapter was trained on (sha256 differs from the manifest)")
+    sizes = {split: len(splits[split]) for split in data.SPLITS}
+    if sizes != manifest["data"]["split_sizes"]:
+        raise UserError(f"{adapter}: rebuilt split sizes {sizes} differ from the manifest's")
+    model, tokenizer, _ = load(adapter)
     names = splits["test"].features["label"].names
     test = tokenize(splits["test"], tokenizer, config.max_length)
     logits = predict_logits(model, tokenizer, test, config.eval_batch_size)

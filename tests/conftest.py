@@ -41,15 +41,15 @@ def tree_sha256(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
 
 
-def run_cli(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     """`python -m lora_ft ARGS` in a fresh process."""
     return subprocess.run(
         [sys.executable, "-m", "lora_ft", *args],
         input=stdin,
         capture_output=True,
         text=True,
-        cwd=cwd or REPO,
-        timeout=600,
+        cwd=REPO,
+        timeout=timeout,
     )
 
 

@@ -46,12 +46,14 @@ def test_unbalanced_split_keeps_every_row():
     assert sum(len(s) for s in splits.values()) == 5574
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json"])
 def test_user_tables_with_any_label_names(tmp_path: Path, suffix: str):
     examples = [('great, "really" great', "positive"), ("awful", "negative"), ("meh", "neutral")] * 10
     path = tmp_path / f"reviews{suffix}"
     if suffix == ".jsonl":
         path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in examples))
+    elif suffix == ".json":
+        path.write_text(json.dumps([{"text": t, "label": lab} for t, lab in examples], indent=1))
     else:
         import csv
 

@@ -208,3 +208,30 @@ def test_existing_output_is_refused_and_kept(spam_run, tiny_gpt2: Path):
     assert "already exists" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert tree_sha256(result.adapter_dir) == before
+
+
+def test_eval_refuses_changed_data(tiny_gpt2: Path, tmp_path: Path):
+    from .conftest import DATA_DIR
+
+    data_copy = tmp_path / "SMSSpamCollection"
+    data_copy.write_bytes((DATA_DIR / "sms_spam_collection" / "SMSSpamCollection").read_bytes())
+    config = load_config(
+        "spam",
+        overrides={"model": str(tiny_gpt2), "data": str(data_copy), "output": str(tmp_path / "a"), "max_steps": 2},
+    )
+    spam.train(config)
+    with open(data_copy, "a") as f:
+        f.write("spam\tone more line\n")
+    done = run_cli("eval", str(tmp_path / "a"))
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: {data_copy}: not the data this adapter was trained on")
+
+
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_not_an_adapter(tmp_path: Path, command: str):
+    text = ["hi"] if command == "predict" else []
+    missing = run_cli(command, str(tmp_path / "nope"), *text)
+    assert missing.returncode == 2 and "adapter folder not found" in missing.stderr
+    no_manifest = run_cli(command, str(tmp_path), *text)
+    assert no_manifest.returncode == 2 and "no lora_ft.json" in no_manifest.stderr
+    assert "Traceback" not in missing.stderr + no_manifest.stderr
