@@ -158,11 +158,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import datasets
+    import huggingface_hub
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # weight loading; Trainer's own bars stay
     datasets.disable_progress_bars()
+    huggingface_hub.utils.logging.set_verbosity_error()  # download retries; the one-line error says it all
 
 
 def main(argv: list[str] | None = None) -> int:

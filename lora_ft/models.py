@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import socket
+import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants
 from peft import LoraConfig, TaskType
 from transformers import (
     AutoModelForSequenceClassification,
@@ -91,10 +94,22 @@ def _from_hub(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
     except OSError:
         if _offline():
             raise UserError(_unreachable(source, "HF_HUB_OFFLINE is set and it is not in the cache")) from None
+    if not _hub_reachable():
+        raise UserError(_unreachable(source, f"{constants.ENDPOINT} is unreachable and it is not in the cache"))
     try:
         return loader(source.location, **kwargs)
     except OSError as e:
         raise UserError(_unreachable(source, str(e).splitlines()[0])) from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the Hub, instead of the client's minute of retries when there is no network."""
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _unreachable(source: ModelSource, why: str) -> str:

@@ -90,7 +90,11 @@ def predict_logits(
     rows = dataset.select(order).remove_columns([c for c in dataset.column_names if c == "label"])
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none", disable_tqdm=True
+            output_dir=tmp,
+            per_device_eval_batch_size=batch_size,
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_pin_memory=torch.cuda.is_available(),
         )
         trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
         logits = trainer.predict(rows).predictions
@@ -224,7 +228,8 @@ def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
         }
         adapters.write_manifest(tmp, manifest)
         adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
-        adapters.plot_confusion(metrics["test"]["confusion_matrix"], names, tmp / "confusion_matrix.png", "test")
+        title = f"test split, accuracy {metrics['test']['accuracy']:.1%}"
+        adapters.plot_confusion(metrics["test"]["confusion_matrix"], names, tmp / "confusion_matrix.png", title)
     return TrainResult(output, manifest, model)
 
 

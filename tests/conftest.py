@@ -41,8 +41,10 @@ def tree_sha256(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    """`python -m lora_ft ARGS` in a fresh process."""
+def run_cli(
+    *args: str, stdin: str | None = None, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m lora_ft ARGS` in a fresh process (`env` replaces the environment)."""
     return subprocess.run(
         [sys.executable, "-m", "lora_ft", *args],
         input=stdin,
@@ -50,6 +52,7 @@ def run_cli(*args: str, stdin: str | None = None, timeout: int = 600) -> subproc
         text=True,
         cwd=REPO,
         timeout=timeout,
+        env=env,
     )
 
 

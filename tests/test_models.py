@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,15 @@ def test_tokenizer_pads_with_eos(tiny_gpt2: Path):
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]
 
 
-def test_uncached_hub_model_offline_is_one_clear_line(tmp_path: Path):
-    done = run_cli("spam", "--model", "openai-community/gpt2", "--max-steps", "1", "--output", str(tmp_path / "x"))
+@pytest.mark.parametrize("network", ["HF_HUB_OFFLINE", "unreachable"])
+def test_uncached_hub_model_offline_is_one_clear_line(tmp_path: Path, network: str):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    if network == "unreachable":  # no HF_HUB_OFFLINE, and a Hub endpoint where nothing listens
+        env.pop("HF_HUB_OFFLINE")
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    done = run_cli(
+        "spam", "--model", "openai-community/gpt2", "--max-steps", "1", "--output", str(tmp_path / "x"), env=env
+    )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     for way_out in ("connect", "--model PATH", "--model smollm2-135m"):
