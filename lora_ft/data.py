@@ -57,6 +57,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_ft"
 
 
+def offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: no downloads, of data or of models. Read on every call,
+    unlike huggingface_hub's constant, so that a caller may set it after import."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in ("1", "on", "yes", "true")
+
+
 def resolve_data_file(known: KnownDataset, path: str | None = None) -> Path:
     """`path` if given; else $LORA_FT_DATA_DIR/<relpath>; else the user cache; else download into the cache."""
     if path is not None:
@@ -71,7 +78,7 @@ def resolve_data_file(known: KnownDataset, path: str | None = None) -> Path:
     cached = cache_dir() / known.relpath
     if cached.is_file():
         return cached
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+    if offline():
         raise UserError(
             f"{known.relpath} is not in ${DATA_DIR_ENV} or the cache ({cache_dir()}) and HF_HUB_OFFLINE is set: "
             f"pass --data PATH or set {DATA_DIR_ENV}"

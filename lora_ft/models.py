@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import socket
 import urllib.parse
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from .data import offline
 from .errors import UserError
 
 DEFAULT_MODEL = "openai-community/gpt2"
@@ -81,10 +81,6 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec, "hub", ALIASES.get(spec, spec))
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-
-
 def _from_hub(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
     """Load from the local cache first; then, unless HF_HUB_OFFLINE is set, from the Hub."""
     if source.kind != "hub":
@@ -92,7 +88,7 @@ def _from_hub(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
     try:
         return loader(source.location, local_files_only=True, **kwargs)
     except OSError:
-        if _offline():
+        if offline():
             raise UserError(_unreachable(source, "HF_HUB_OFFLINE is set and it is not in the cache")) from None
     if not _hub_reachable():
         raise UserError(_unreachable(source, f"{constants.ENDPOINT} is unreachable and it is not in the cache"))
