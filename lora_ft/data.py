@@ -80,8 +80,8 @@ def resolve_data_file(known: KnownDataset, path: str | None = None) -> Path:
         return cached
     if offline():
         raise UserError(
-            f"{known.relpath} is not in ${DATA_DIR_ENV} or the cache ({cache_dir()}) and HF_HUB_OFFLINE is set: "
-            f"pass --data PATH or set {DATA_DIR_ENV}"
+            f"{known.relpath} is not in ${DATA_DIR_ENV} or the cache ({cache_dir()}) and offline mode is on "
+            f"(HF_HUB_OFFLINE): pass --data PATH or set {DATA_DIR_ENV}"
         )
     download(known, cached)
     return cached

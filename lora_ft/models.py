@@ -82,14 +82,15 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 def _from_hub(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
-    """Load from the local cache first; then, unless HF_HUB_OFFLINE is set, from the Hub."""
+    """Load from the local cache first; then, unless offline mode is on, from the Hub."""
     if source.kind != "hub":
         return loader(source.location, **source.load_kwargs(), **kwargs)
     try:
         return loader(source.location, local_files_only=True, **kwargs)
     except OSError:
         if offline():
-            raise UserError(_unreachable(source, "HF_HUB_OFFLINE is set and it is not in the cache")) from None
+            why = "offline mode is on (HF_HUB_OFFLINE) and it is not in the cache"
+            raise UserError(_unreachable(source, why)) from None
     if not _hub_reachable():
         raise UserError(_unreachable(source, f"{constants.ENDPOINT} is unreachable and it is not in the cache"))
     try:

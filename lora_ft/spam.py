@@ -97,15 +97,19 @@ def predict_logits(
             dataloader_pin_memory=torch.cuda.is_available(),
         )
         trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
-        logits = trainer.predict(rows).predictions
-    logits = logits[0] if isinstance(logits, tuple) else logits
+        logits = _logits(trainer.predict(rows).predictions)
     return logits[np.argsort(order)]
 
 
-def _scalar_metrics(labels: np.ndarray, logits: np.ndarray | tuple, names: list[str]) -> dict[str, float]:
+def _logits(predictions: np.ndarray | tuple) -> np.ndarray:
+    """Trainer's predictions are a tuple when the model returns more than logits; logits come first."""
+    return predictions[0] if isinstance(predictions, tuple) else predictions
+
+
+def _scalar_metrics(labels: np.ndarray, predictions: np.ndarray | tuple, names: list[str]) -> dict[str, float]:
     """What Trainer logs for each evaluation on val (and uses to pick the best epoch)."""
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    return {k: v for k, v in classification_metrics(labels, logits, names).items() if isinstance(v, float)}
+    metrics = classification_metrics(labels, _logits(predictions), names)
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
 def _length_order(dataset: Dataset) -> np.ndarray:
@@ -237,13 +241,18 @@ def _step_of(checkpoint: str | None) -> int | None:
     return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
 
 
+def _label_names(manifest: dict[str, Any]) -> list[str]:
+    """Label names in id order, from the manifest's name -> id map."""
+    return sorted(manifest["labels"], key=manifest["labels"].get)
+
+
 def load(adapter: str | Path) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Base (as the manifest names it) + adapter, in eval mode, with the adapter's tokenizer and manifest."""
     manifest = adapters.read_manifest(adapter)
     if manifest.get("task") != "spam":
         raise UserError(f"{adapter}: a '{manifest.get('task')}' adapter, not a classifier")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    names = sorted(manifest["labels"], key=manifest["labels"].get)
+    names = _label_names(manifest)
     base: PreTrainedModel = models.load_classifier_base(models.source_from_manifest(manifest["base"]), tokenizer, names)
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
@@ -252,7 +261,7 @@ def load(adapter: str | Path) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[
 
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32) -> list[Prediction]:
     model, tokenizer, manifest = load(adapter)
-    names = sorted(manifest["labels"], key=manifest["labels"].get)
+    names = _label_names(manifest)
     encoded = tokenize(Dataset.from_dict({"text": texts}), tokenizer, manifest["config"]["max_length"])
     probabilities = torch.softmax(torch.from_numpy(predict_logits(model, tokenizer, encoded, batch_size)), -1)
     best = probabilities.max(-1)

@@ -1,4 +1,4 @@
-"""The real pretrained model, the real data, the default recipe: `pytest -m slow` (about 30 minutes on 2 cores)."""
+"""The real pretrained model, the real data, the default recipe: `pytest -m slow` (about 15 minutes on 2 cores)."""
 
 import importlib.util
 import json
