@@ -54,6 +54,13 @@ def staged(output: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_adapter(model: Any, tokenizer: Any, folder: Path) -> None:
+    """PEFT's adapter files and the tokenizer; the base is not written."""
+    model.save_pretrained(folder)
+    (folder / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template; lora_ft.json says more
+    tokenizer.save_pretrained(folder)
+
+
 def library_versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for name in _PACKAGES:

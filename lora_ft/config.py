@@ -14,7 +14,14 @@ import yaml
 from .errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-TASKS = ("spam",)
+TASKS = ("spam", "instruct")
+# Keys that only one task reads; a recipe for the other task may not set them.
+TASK_ONLY = {"balance": "spam", "max_new_tokens": "instruct", "test_limit": "instruct"}
+# Where a task's defaults differ from RunConfig's (which are spam's). recipes/<task>.yaml restates them.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "spam": {},
+    "instruct": {"epochs": 2.0, "eval_batch_size": 16, "max_length": 512},
+}
 
 
 @dataclass
@@ -38,6 +45,8 @@ class RunConfig:
     target_modules: list[str] | None = None
     max_length: int = 256
     balance: bool = True
+    max_new_tokens: int = 256
+    test_limit: int | None = None
     seed: int = 123
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,6 +67,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lora_dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "target_modules": (lambda v: v is None or len(v) > 0, "must name at least one module"),
     "max_length": (lambda v: v > 0, "must be > 0"),
+    "max_new_tokens": (lambda v: v > 0, "must be > 0"),
+    "test_limit": (lambda v: v is None or v > 0, "must be > 0"),
     "task": (lambda v: v in TASKS, f"must be one of {', '.join(TASKS)}"),
 }
 
@@ -81,12 +92,15 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "").replace("NoneType", "null")
 
 
-def validate(values: dict[str, Any], source: str) -> dict[str, Any]:
+def validate(values: dict[str, Any], source: str, task: str | None = None) -> dict[str, Any]:
     """Check keys, types and ranges; `source` names the recipe file or 'command line' in errors."""
     hints = typing.get_type_hints(RunConfig)
+    task = values.get("task", task)
     for key, value in values.items():
         if key not in hints:
             raise UserError(f"{source}: unknown key '{key}' (known: {', '.join(hints)})")
+        if task in TASKS and TASK_ONLY.get(key, task) != task:
+            raise UserError(f"{source}: '{key}' belongs to task {TASK_ONLY[key]}, not {task}")
         if not _type_ok(value, hints[key]):
             raise UserError(f"{source}: '{key}' must be {_type_name(hints[key])}, got {value!r}")
         if key in _RANGES and not _RANGES[key][0](value):
@@ -94,7 +108,7 @@ def validate(values: dict[str, Any], source: str) -> dict[str, Any]:
     return values
 
 
-def read_recipe(path: Path) -> dict[str, Any]:
+def read_recipe(path: Path, task: str | None = None) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -109,7 +123,13 @@ def read_recipe(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise UserError(f"{path}: a recipe is a mapping of keys to values, got {type(values).__name__}")
-    return validate(values, str(path))
+    return validate(values, str(path), task)
+
+
+def task_defaults(task: str) -> dict[str, Any]:
+    """The built-in defaults of `task`: the keys it reads, with its own values where they differ."""
+    values = {k: v for k, v in RunConfig(task=task).to_dict().items() if TASK_ONLY.get(k, task) == task}
+    return values | TASK_DEFAULTS[task]
 
 
 def default_recipe(task: str) -> Path:
@@ -118,15 +138,15 @@ def default_recipe(task: str) -> Path:
 
 def load_config(task: str, recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Task defaults (recipes/<task>.yaml when present), then `recipe`, then `overrides` (None = not given)."""
-    values: dict[str, Any] = {}
+    values = task_defaults(task)
     if default_recipe(task).is_file():
-        values.update(read_recipe(default_recipe(task)))
+        values.update(read_recipe(default_recipe(task), task))
     if recipe is not None:
         user = read_recipe(Path(recipe))
         if user.get("task", task) != task:
             raise UserError(f"{recipe}: recipe is for task '{user['task']}', not '{task}'")
-        values.update(user)
+        values.update(validate(user, str(recipe), task))
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    values.update(validate(given, "command line"))
+    values.update(validate(given, "command line", task))
     values["task"] = task
     return RunConfig(**values)

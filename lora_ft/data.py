@@ -23,6 +23,7 @@ DATA_DIR_ENV = "LORA_FT_DATA_DIR"
 CACHE_DIR_ENV = "LORA_FT_CACHE_DIR"
 SPLITS = ("train", "val", "test")
 CLASSIFICATION_FRACTIONS = (0.7, 0.1, 0.2)
+INSTRUCTION_FRACTIONS = (0.85, 0.05, 0.1)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ SMS_SPAM = KnownDataset(
     url="https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
     sha256="7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
     zip_member="SMSSpamCollection",
+)
+INSTRUCTION_DATA = KnownDataset(
+    relpath="instruction_data/instruction-data.json",
+    url="https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json",
+    sha256="7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
 )
 
 
@@ -147,11 +153,13 @@ def _label_text_lines(path: Path, text: str) -> list[tuple[str, str]]:
 
 def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
     """(line number, object) for a `.json` list of objects or a `.jsonl` file of one object per line."""
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    if path.suffix.lower() == ".json":
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {e.lineno} is not JSON ({e.msg})") from None
+            raise UserError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+        if not isinstance(items, list):
+            raise UserError(f"{path}: a .json data file holds a list of objects, got a {type(items).__name__}")
         numbered = list(enumerate(items, start=1))
         where = "item"
     else:
@@ -244,4 +252,67 @@ def classification_splits(
             )
             for split, part in zip(SPLITS, parts, strict=True)
         }
+    )
+
+
+# --- instructions (instruction tuning) ------------------------------------------------------------------
+
+PROMPT_INTRO = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt: the one template, used for training, evaluation and `generate`."""
+    prompt = f"{PROMPT_INTRO}\n\n### Instruction:\n{instruction}"
+    if input.strip():
+        prompt += f"\n\n### Input:\n{input}"
+    return prompt + "\n\n### Response:\n"
+
+
+def _string_field(path: Path, where: str, record: dict, key: str, required: bool) -> str:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise UserError(f"{path}: {where} has no '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{path}: {where}: '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def read_instructions(path: Path) -> list[dict[str, str]]:
+    """Rows of {instruction, input, output, prompt} from a .json list or .jsonl file of objects with
+    `instruction`, optional `input` and `output` (prompt = the Alpaca template), or with `prompt` and
+    `completion` (prompt used as it is; instruction and input left empty)."""
+    records = _json_records(path, _read_text(path))
+    if not records:
+        raise UserError(f"{path}: holds no examples")
+    rows = []
+    for number, record in records:
+        where = f"item {number}" if path.suffix.lower() == ".json" else f"line {number}"
+        if "prompt" in record and "instruction" not in record:
+            prompt = _string_field(path, where, record, "prompt", required=True)
+            output = _string_field(path, where, record, "completion", required=True)
+            rows.append({"instruction": "", "input": "", "output": output, "prompt": prompt})
+            continue
+        instruction = _string_field(path, where, record, "instruction", required=True)
+        input = _string_field(path, where, record, "input", required=False)
+        output = _string_field(path, where, record, "output", required=True)
+        if not instruction.strip():
+            raise UserError(f"{path}: {where} has an empty 'instruction'")
+        prompt = format_prompt(instruction, input)
+        rows.append({"instruction": instruction, "input": input, "output": output, "prompt": prompt})
+    return rows
+
+
+def instruction_splits(
+    rows: list[dict[str, str]], seed: int, fractions: tuple[float, float, float] = INSTRUCTION_FRACTIONS
+) -> DatasetDict:
+    """Shuffle and split train/val/test; `seed` fixes it (935/55/110 for the course's 1,100 examples)."""
+    parts = split_indices(len(rows), fractions, np.random.default_rng(seed))
+    if min(len(p) for p in parts) == 0:
+        raise UserError(f"{len(rows)} examples are too few for a {'/'.join(str(f) for f in fractions)} split")
+    return DatasetDict(
+        {split: Dataset.from_list([rows[i] for i in part]) for split, part in zip(SPLITS, parts, strict=True)}
     )

@@ -14,6 +14,7 @@ import torch
 from huggingface_hub import constants
 from peft import LoraConfig, TaskType
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GgufConfig,
@@ -23,6 +24,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from .config import RunConfig
 from .data import offline
 from .errors import UserError
 
@@ -137,15 +139,33 @@ def load_classifier_base(
     source: ModelSource, tokenizer: PreTrainedTokenizerBase, label_names: list[str]
 ) -> PreTrainedModel:
     """A sequence classifier with a new `score` head; `pad_token_id` set so it pools the last real token."""
-    model = _from_hub(
-        AutoModelForSequenceClassification.from_pretrained,
+    return _load_base(
+        AutoModelForSequenceClassification,
         source,
+        tokenizer,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
+    )
+
+
+def load_causal_base(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A causal LM whose generation pads with the tokenizer's pad token and stops at its EOS."""
+    model = _load_base(AutoModelForCausalLM, source, tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _load_base(
+    auto_class: Any, source: ModelSource, tokenizer: PreTrainedTokenizerBase, **kwargs: Any
+) -> PreTrainedModel:
+    model = _from_hub(
+        auto_class.from_pretrained,
+        source,
         pad_token_id=tokenizer.pad_token_id,
         dtype=torch.float32,
         **_gguf_kwargs(source),
+        **kwargs,
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     return _as_plain_weights(model, source)
@@ -183,10 +203,10 @@ def lora_targets(model: torch.nn.Module) -> tuple[list[str], bool]:
     return sorted(names), conv1d
 
 
-def lora_config(
-    model: torch.nn.Module, task_type: TaskType, r: int, alpha: int, dropout: float, targets: list[str] | None
-) -> LoraConfig:
+def lora_config(model: torch.nn.Module, task_type: TaskType, config: RunConfig) -> LoraConfig:
+    """LoRA as the run asks, on the architecture's projections unless `config.target_modules` names others."""
     found, conv1d = lora_targets(model)
+    targets = config.target_modules
     if targets:
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         unknown = [t for t in targets if t not in present]
@@ -194,9 +214,9 @@ def lora_config(
             raise UserError(f"--target-modules: {unknown} not in {type(model).__name__} (it has {found})")
     return LoraConfig(
         task_type=task_type,
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
         target_modules=targets or found,
         fan_in_fan_out=conv1d,
     )

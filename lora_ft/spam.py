@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import time
@@ -25,7 +24,7 @@ from transformers import (
     set_seed,
 )
 
-from . import adapters, data, models
+from . import adapters, data, models, training
 from .config import RunConfig
 from .errors import UserError
 
@@ -116,37 +115,6 @@ def _length_order(dataset: Dataset) -> np.ndarray:
     return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
 
 
-def _training_args(config: RunConfig, output_dir: Path, train_rows: int) -> TrainingArguments:
-    steps_per_epoch = math.ceil(train_rows / config.batch_size)
-    # With --max-steps, evaluate (and keep the best) every epoch or at the last step, whichever comes first.
-    period = min(steps_per_epoch, config.max_steps) if config.max_steps else None
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,
-        eval_strategy="steps" if period else "epoch",
-        save_strategy="steps" if period else "epoch",
-        eval_steps=period,
-        save_steps=period,
-        load_best_model_at_end=True,
-        metric_for_best_model="accuracy",
-        save_total_limit=1,
-        save_only_model=True,
-        logging_steps=max(1, min(steps_per_epoch, config.max_steps or steps_per_epoch) // 10),
-        train_sampling_strategy="group_by_length",
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-
-
 def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
     """Train a LoRA classifier and write its adapter folder; returns the folder, manifest and trained model."""
     source = models.resolve_model(config.model)
@@ -159,17 +127,14 @@ def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
     tokenizer = models.load_tokenizer(source)
     base = models.load_classifier_base(source, tokenizer, names)
     base_info = models.describe_base(source, base)
-    lora = models.lora_config(
-        base, TaskType.SEQ_CLS, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules
-    )
+    lora = models.lora_config(base, TaskType.SEQ_CLS, config)
     model = get_peft_model(base, lora)
-    trainable, total = model.get_nb_trainable_parameters()
     encoded = tokenize(splits, tokenizer, config.max_length)
 
     with adapters.staged(output, overwrite) as tmp:
         trainer = Trainer(
             model=model,
-            args=_training_args(config, tmp / "checkpoints", len(encoded["train"])),
+            args=training.training_args(config, tmp / "checkpoints", len(encoded["train"]), "accuracy"),
             train_dataset=encoded["train"],
             eval_dataset=encoded["val"].select(_length_order(encoded["val"])),  # less padding, same metrics
             data_collator=DataCollatorWithPadding(tokenizer),
@@ -189,21 +154,13 @@ def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
             for split in data.SPLITS
         }
         shutil.rmtree(tmp / "checkpoints")
-        model.save_pretrained(tmp)
-        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template; lora_ft.json says more
-        tokenizer.save_pretrained(tmp)
+        adapters.save_adapter(model, tokenizer, tmp)
         manifest = {
             "task": "spam",
             "created": adapters.now_iso(),
             "config": config.to_dict(),
             "base": base_info,
-            "lora": {
-                "target_modules": sorted(lora.target_modules),
-                "fan_in_fan_out": lora.fan_in_fan_out,
-                "modules_to_save": sorted(model.modules_to_save or []),
-                "trainable_parameters": trainable,
-                "total_parameters": total,
-            },
+            "lora": training.lora_section(model, lora),
             "data": {
                 "path": str(data_path),
                 "sha256": data.sha256_file(data_path),
@@ -218,16 +175,7 @@ def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
             },
             "labels": {name: i for i, name in enumerate(names)},
             "metrics": metrics,
-            "training": {
-                "seconds": round(train_seconds, 2),
-                "steps": trainer.state.global_step,
-                "epochs": trainer.state.epoch,
-                "best_step": _step_of(trainer.state.best_model_checkpoint),
-                "best_val_accuracy": trainer.state.best_metric,
-                "device": str(trainer.args.device),
-                "precision": "fp32",
-                "log_history": trainer.state.log_history,
-            },
+            "training": training.training_section(trainer, train_seconds),
             "versions": adapters.library_versions(),
         }
         adapters.write_manifest(tmp, manifest)
@@ -235,10 +183,6 @@ def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
         title = f"test split, accuracy {metrics['test']['accuracy']:.1%}"
         adapters.plot_confusion(metrics["test"]["confusion_matrix"], names, tmp / "confusion_matrix.png", title)
     return TrainResult(output, manifest, model)
-
-
-def _step_of(checkpoint: str | None) -> int | None:
-    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
 
 
 def _label_names(manifest: dict[str, Any]) -> list[str]:

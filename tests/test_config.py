@@ -3,14 +3,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_ft.config import RunConfig, default_recipe, load_config
+from lora_ft.config import TASKS, RunConfig, default_recipe, load_config, task_defaults
 from lora_ft.errors import UserError
 
 
-def test_spam_recipe_equals_builtin_defaults():
+@pytest.mark.parametrize("task", TASKS)
+def test_recipe_equals_builtin_defaults(task: str):
     # An installed package without the recipes/ folder must train exactly as the recipe says.
-    recipe = yaml.safe_load(default_recipe("spam").read_text())
-    assert recipe == RunConfig().to_dict()
+    recipe = yaml.safe_load(default_recipe(task).read_text())
+    assert recipe == task_defaults(task)
+    assert load_config(task).to_dict() == RunConfig(**task_defaults(task)).to_dict()
+
+
+def test_setting_of_another_task_is_refused(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("balance: false\n")
+    with pytest.raises(UserError, match="'balance' belongs to task spam, not instruct"):
+        load_config("instruct", recipe)
+    with pytest.raises(UserError, match="command line: 'max_new_tokens' belongs to task instruct, not spam"):
+        load_config("spam", overrides={"max_new_tokens": 5})
 
 
 def test_recipe_then_flags_override(tmp_path: Path):
@@ -30,7 +41,8 @@ def test_recipe_then_flags_override(tmp_path: Path):
         ("lora_r: 0\n", "'lora_r' must be > 0"),
         ("lora_dropout: 1.0\n", "'lora_dropout' must be in [0, 1)"),
         ("- a list\n", "a recipe is a mapping"),
-        ("task: instruct\n", "must be one of"),
+        ("task: poetry\n", "must be one of"),
+        ("task: instruct\n", "recipe is for task 'instruct', not 'spam'"),
     ],
 )
 def test_bad_recipe_names_file_and_key(tmp_path: Path, text: str, key: str):
