@@ -38,18 +38,28 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+# Flags that only one task's training command has.
+SPAM_FLAGS: list[tuple[str, type, str]] = []
+INSTRUCT_FLAGS: list[tuple[str, type, str]] = [
+    ("--max-new-tokens", int, "longest generated response in tokens (generation stops earlier at EOS)"),
+    ("--test-limit", int, "generate for only the first N test examples"),
+]
+
+
+def _add_train_flags(parser: argparse.ArgumentParser, task_flags: list[tuple[str, type, str]]) -> None:
     parser.add_argument("--config", help="recipe YAML; flags given here override it")
-    for flag, kind, text in TRAIN_FLAGS:
+    for flag, kind, text in TRAIN_FLAGS + task_flags:
         parser.add_argument(flag, type=kind, help=text)
     parser.add_argument("--target-modules", nargs="+", help="module names to adapt (default: per architecture)")
-    parser.add_argument(
-        "--balance",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="undersample larger classes to the smallest (default: on)",
-    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", help="instruction-tuned adapter folder")
+    parser.add_argument("--max-new-tokens", type=int, help="longest response in tokens (default: the adapter's)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, with --temperature")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     spam = commands.add_parser("spam", help="train a LoRA text classifier (SMS spam vs. ham by default)")
-    _add_train_flags(spam)
+    _add_train_flags(spam, SPAM_FLAGS)
+    spam.add_argument(
+        "--balance",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="undersample larger classes to the smallest (default: on)",
+    )
+
+    instruct = commands.add_parser("instruct", help="instruction-tune with LoRA (TRL SFTTrainer)")
+    _add_train_flags(instruct, INSTRUCT_FLAGS)
+
+    generate = commands.add_parser("generate", help="answer instructions with an instruction-tuned adapter")
+    _add_generation_flags(generate)
+    generate.add_argument("--instruction", help="the instruction")
+    generate.add_argument("--input", default="", help="its input (optional)")
+    generate.add_argument(
+        "--file", help="JSONL of {instruction, input} or {prompt} objects, or a .json list ('-' for standard input)"
+    )
+    generate.add_argument("--json", action="store_true", help="one object per line, with a 'response' key")
+
+    chat = commands.add_parser("chat", help="type instructions, read answers (an empty line or Ctrl-D ends)")
+    _add_generation_flags(chat)
 
     predict = commands.add_parser("predict", help="label texts with a trained classifier adapter")
     predict.add_argument("adapter", help="adapter folder")
@@ -75,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = [flag[2:].replace("-", "_") for flag, _, _ in TRAIN_FLAGS] + ["target_modules", "balance"]
-    return {key: getattr(args, key) for key in keys}
+    flags = TRAIN_FLAGS + (SPAM_FLAGS if args.command == "spam" else INSTRUCT_FLAGS)
+    keys = [flag[2:].replace("-", "_") for flag, _, _ in flags] + ["target_modules", "balance"]
+    return {key: getattr(args, key) for key in keys if hasattr(args, key)}
 
 
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "loss")
@@ -150,7 +182,108 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
-COMMANDS = {"spam": run_spam, "predict": run_predict, "eval": run_eval}
+def _instruct_table(metrics: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        f"{'test, n=' + str(metrics['test']['examples']):<16}{'loss':>9}{'perplexity':>12}{'ROUGE-L':>9}{'EOS':>7}"
+    ]
+    for key, name in (("test_base", "untuned base"), ("test", "tuned")):
+        m = metrics[key]
+        lines.append(f"{name:<16}{m['loss']:>9.4f}{m['perplexity']:>12.2f}{m['rouge_l']:>9.4f}{m['eos_share']:>7.0%}")
+    return "\n".join(lines)
+
+
+def run_instruct(args: argparse.Namespace) -> int:
+    from . import instruct
+    from .config import load_config
+
+    config = load_config("instruct", args.config, _overrides(args))
+    result = instruct.train(config, overwrite=args.overwrite)
+    manifest = result.manifest
+    training = manifest["training"]
+    print(_instruct_table(manifest["metrics"]))
+    print(
+        f"trained {training['steps']} steps in {training['seconds']:.1f} s; best val loss "
+        f"{training['best_val_loss']:.4f} at step {training['best_step']}"
+    )
+    dropped = manifest["data"]["dropped_longer_than_max_length"]
+    if any(dropped.values()):
+        print(f"left out, longer than {config.max_length} tokens: {dropped}")
+    print(f"adapter: {result.adapter_dir}  (responses: {result.adapter_dir / instruct.RESPONSES})")
+    return 0
+
+
+def _read_requests(args: argparse.Namespace) -> list[dict[str, str]]:
+    from . import data
+
+    requests = [{"instruction": args.instruction, "input": args.input}] if args.instruction else []
+    if args.file:
+        path = Path(args.file)
+        if args.file == "-":
+            path = Path("<stdin>.jsonl")
+            text = sys.stdin.read()
+        else:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"{args.file}: cannot read ({e})") from None
+        requests += data.read_requests(path, text)
+    if not requests:
+        raise UserError("nothing to answer: give --instruction TEXT, --file F, or --file - for standard input")
+    return requests
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from . import instruct
+
+    requests = _read_requests(args)
+    answers = instruct.respond(args.adapter, requests, seed=args.seed, **_sampling(args))
+    for request, answer in zip(requests, answers, strict=True):
+        if args.json:
+            record = {**request, "response": answer.response, "stopped_at_eos": answer.stopped_at_eos}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(answer.response + ("" if answer.stopped_at_eos else " [cut at --max-new-tokens]"))
+            if len(requests) > 1:
+                print()
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from transformers import set_seed
+
+    from . import data, instruct
+
+    sampling = _sampling(args)
+    model, tokenizer, manifest = instruct.load(args.adapter)
+    set_seed(args.seed)
+    limit = sampling.pop("max_new_tokens") or manifest["generation"]["max_new_tokens"]
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("instruction> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        (answer,) = instruct.generate(model, tokenizer, [data.format_prompt(line)], limit, **sampling)
+        print(answer.response, flush=True)
+    return 0
+
+
+COMMANDS = {
+    "spam": run_spam,
+    "predict": run_predict,
+    "eval": run_eval,
+    "instruct": run_instruct,
+    "generate": run_generate,
+    "chat": run_chat,
+}
 
 
 def _quiet_libraries() -> None:

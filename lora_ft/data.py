@@ -281,29 +281,47 @@ def _string_field(path: Path, where: str, record: dict, key: str, required: bool
     return value
 
 
+def _instruction_row(path: Path, where: str, record: dict, with_output: bool) -> dict[str, str]:
+    """{instruction, input, prompt[, output]} from an object with `instruction` (+ `input`) or a raw `prompt`."""
+    if "prompt" in record and "instruction" not in record:
+        row = {"instruction": "", "input": "", "prompt": _string_field(path, where, record, "prompt", required=True)}
+        output_key = "completion"
+    else:
+        instruction = _string_field(path, where, record, "instruction", required=True)
+        if not instruction.strip():
+            raise UserError(f"{path}: {where} has an empty 'instruction'")
+        input = _string_field(path, where, record, "input", required=False)
+        row = {"instruction": instruction, "input": input, "prompt": format_prompt(instruction, input)}
+        output_key = "output"
+    if with_output:
+        row["output"] = _string_field(path, where, record, output_key, required=True)
+    return row
+
+
+def _instruction_records(path: Path, text: str, with_output: bool) -> list[dict[str, str]]:
+    records = _json_records(path, text)
+    if not records:
+        raise UserError(f"{path}: holds no examples")
+    where = "item" if path.suffix.lower() == ".json" else "line"
+    return [_instruction_row(path, f"{where} {number}", record, with_output) for number, record in records]
+
+
 def read_instructions(path: Path) -> list[dict[str, str]]:
     """Rows of {instruction, input, output, prompt} from a .json list or .jsonl file of objects with
     `instruction`, optional `input` and `output` (prompt = the Alpaca template), or with `prompt` and
     `completion` (prompt used as it is; instruction and input left empty)."""
-    records = _json_records(path, _read_text(path))
-    if not records:
-        raise UserError(f"{path}: holds no examples")
-    rows = []
-    for number, record in records:
-        where = f"item {number}" if path.suffix.lower() == ".json" else f"line {number}"
-        if "prompt" in record and "instruction" not in record:
-            prompt = _string_field(path, where, record, "prompt", required=True)
-            output = _string_field(path, where, record, "completion", required=True)
-            rows.append({"instruction": "", "input": "", "output": output, "prompt": prompt})
-            continue
-        instruction = _string_field(path, where, record, "instruction", required=True)
-        input = _string_field(path, where, record, "input", required=False)
-        output = _string_field(path, where, record, "output", required=True)
-        if not instruction.strip():
-            raise UserError(f"{path}: {where} has an empty 'instruction'")
-        prompt = format_prompt(instruction, input)
-        rows.append({"instruction": instruction, "input": input, "output": output, "prompt": prompt})
-    return rows
+    return _instruction_records(path, _read_text(path), with_output=True)
+
+
+def read_requests(path: Path, text: str) -> list[dict[str, str]]:
+    """What `generate --file` answers: objects with `instruction` (+ `input`) or `prompt`; other keys (an
+    `output`, a `model_response`) are ignored, so a test_responses.json can be fed back in."""
+    return [
+        {"prompt": row["prompt"]}
+        if not row["instruction"]
+        else {"instruction": row["instruction"], "input": row["input"]}
+        for row in _instruction_records(path, text, with_output=False)
+    ]
 
 
 def instruction_splits(

@@ -1,0 +1,317 @@
+"""Instruction tuning (Alpaca-style instruction/input/output): LoRA on a causal LM through TRL's SFTTrainer,
+greedy generation, and text metrics (response loss and perplexity, ROUGE-L, share of answers ending at EOS)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict
+from peft import PeftModel, TaskType
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from trl import SFTConfig, SFTTrainer
+
+from . import adapters, data, models, training
+from .config import RunConfig
+from .errors import UserError
+
+RESPONSES = "test_responses.json"
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    manifest: dict[str, Any]
+    model: PeftModel
+
+
+@dataclass
+class Generation:
+    prompt: str
+    response: str
+    stopped_at_eos: bool
+    new_tokens: int
+
+
+def load_splits(
+    config: RunConfig, fractions: tuple[float, float, float] = data.INSTRUCTION_FRACTIONS
+) -> tuple[Path, DatasetDict]:
+    """The data file, and its train/val/test split fixed by `config.seed`."""
+    path = data.resolve_data_file(data.INSTRUCTION_DATA, config.data)
+    return path, data.instruction_splits(data.read_instructions(path), config.seed, fractions)
+
+
+def prompt_completion(split: Dataset, eos_token: str) -> Dataset:
+    """TRL's prompt-completion format. The completion ends with EOS so that the model learns to stop; TRL keeps
+    it as a target (labels are built before padding, and padding is labelled -100, so pad = EOS is harmless)."""
+    return Dataset.from_dict({"prompt": split["prompt"], "completion": [o + eos_token for o in split["output"]]})
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of prompt + completion with the prompt masked (-100), as SFTTrainer builds them:
+    the completion starts where the tokenized prompt and the tokenized whole first differ."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + completion)["input_ids"]
+    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids, strict=False)) if a != b), len(prompt_ids))
+    return ids, [-100] * start + ids[start:]
+
+
+def _within_length(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[Dataset, int]:
+    """Examples whose prompt + completion fit in `max_length` tokens, and how many did not. Truncating them
+    instead would cut off the final EOS and teach the model not to stop."""
+    keep = [
+        i for i, row in enumerate(split) if len(encode(tokenizer, row["prompt"], row["completion"])[0]) <= max_length
+    ]
+    return split.select(keep), len(split) - len(keep)
+
+
+def build_trainer(
+    config: RunConfig,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: Dataset,
+    val: Dataset,
+    output_dir: Path,
+) -> SFTTrainer:
+    """SFTTrainer on prompt-completion data: LoRA attached from `peft_config`, loss on completion tokens only."""
+    args = training.training_args(
+        config,
+        output_dir,
+        len(train),
+        "loss",
+        SFTConfig,
+        max_length=config.max_length,
+        completion_only_loss=True,
+        packing=False,
+        gradient_checkpointing=False,  # SFTConfig turns it on by default; LoRA on small models needs no saving
+        bf16=False,  # SFTConfig's default; lora_ft trains in float32 unless told otherwise
+    )
+    lora = models.lora_config(base, TaskType.CAUSAL_LM, config)
+    return SFTTrainer(
+        model=base, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer, peft_config=lora
+    )
+
+
+def response_loss(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Dataset, batch_size: int
+) -> dict[str, float]:
+    """Mean cross-entropy per completion token (EOS included) and its perplexity: every token weighs the same,
+    unlike Trainer's mean of batch means."""
+    encoded = [encode(tokenizer, row["prompt"], row["completion"]) for row in pairs]
+    encoded.sort(key=lambda pair: len(pair[0]))  # less padding
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        ids = _pad([torch.tensor(i) for i, _ in batch], tokenizer.pad_token_id).to(device)
+        labels = _pad([torch.tensor(label) for _, label in batch], -100).to(device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=_real(batch, ids)).logits
+        total += torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        ).item()
+        tokens += int((labels[:, 1:] != -100).sum())
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+
+
+def _real(batch: list[tuple[list[int], list[int]]], ids: torch.Tensor) -> torch.Tensor:
+    """Attention mask of right-padded rows: 1 for each row's own tokens."""
+    lengths = torch.tensor([len(i) for i, _ in batch], device=ids.device)
+    return torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> list[Generation]:
+    """Responses to `prompts` (already templated), greedy unless `temperature` > 0, each ending at EOS or after
+    `max_new_tokens`. Prompts run shortest first, left-padded, `batch_size` at a time; results come back in order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i])["input_ids"]))
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    device = next(model.parameters()).device
+    results: dict[int, Generation] = {}
+    sampling: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            inputs = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(device)
+            width = inputs["input_ids"].shape[1]
+            budget = min(max_new_tokens, context - width) if context else max_new_tokens
+            if budget <= 0:
+                raise UserError(f"a prompt of {width} tokens leaves no room to answer within {context} tokens")
+            with torch.no_grad():
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=budget,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                )
+            for i, row in zip(chunk, output[:, width:].tolist(), strict=True):
+                stopped = tokenizer.eos_token_id in row
+                new = row[: row.index(tokenizer.eos_token_id)] if stopped else row
+                text = tokenizer.decode(new, skip_special_tokens=True).strip()
+                results[i] = Generation(prompts[i], text, stopped, len(new))
+    finally:
+        tokenizer.padding_side = side
+    return [results[i] for i in range(len(prompts))]
+
+
+def rouge_l(references: list[str], responses: list[str]) -> float:
+    """Mean ROUGE-L F1 (rouge-score, with stemming) of each response against its reference."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, out)["rougeL"].fmeasure for ref, out in zip(references, responses, strict=True)]
+    return sum(scores) / len(scores)
+
+
+def score_responses(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test: Dataset, config: RunConfig
+) -> tuple[dict[str, Any], list[Generation]]:
+    """Loss/perplexity on the reference responses, and ROUGE-L and EOS share of greedy generations."""
+    pairs = prompt_completion(test, tokenizer.eos_token)
+    generations = generate(model, tokenizer, test["prompt"], config.max_new_tokens, config.eval_batch_size)
+    metrics = response_loss(model, tokenizer, pairs, config.eval_batch_size)
+    metrics.update(
+        rouge_l=rouge_l(test["output"], [g.response for g in generations]),
+        eos_share=sum(g.stopped_at_eos for g in generations) / len(generations),
+        mean_new_tokens=sum(g.new_tokens for g in generations) / len(generations),
+        examples=len(test),
+    )
+    return metrics, generations
+
+
+def response_records(test: Dataset, generations: list[Generation]) -> list[dict[str, Any]]:
+    """test_responses.json: the example as given (instruction/input, or the raw prompt) with the model's answer."""
+    records = []
+    for row, g in zip(test, generations, strict=True):
+        given = {"instruction": row["instruction"], "input": row["input"]} if row["instruction"] else {}
+        records.append({**(given or {"prompt": row["prompt"]}), "output": row["output"], "model_response": g.response})
+    return records
+
+
+def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
+    """Instruction-tune with LoRA and write the adapter folder; returns the folder, manifest and trained model."""
+    source = models.resolve_model(config.model)
+    output = Path(config.output) if config.output else adapters.default_output("instruct", source.short_name)
+    adapters.check_output_free(output, overwrite)
+    data_path, splits = load_splits(config)
+    test = splits["test"].select(range(min(config.test_limit or len(splits["test"]), len(splits["test"]))))
+
+    set_seed(config.seed)  # the LoRA matrices are initialised from this
+    tokenizer = models.load_tokenizer(source)
+    base = models.load_causal_base(source, tokenizer)
+    base_info = models.describe_base(source, base)
+    train_pairs, dropped_train = _within_length(
+        prompt_completion(splits["train"], tokenizer.eos_token), tokenizer, config.max_length
+    )
+    val_pairs, dropped_val = _within_length(
+        prompt_completion(splits["val"], tokenizer.eos_token), tokenizer, config.max_length
+    )
+    if len(train_pairs) == 0:
+        raise UserError(f"{data_path}: no training example fits in --max-length {config.max_length} tokens")
+
+    with adapters.staged(output, overwrite) as tmp:
+        trainer = build_trainer(config, base, tokenizer, train_pairs, val_pairs, tmp / "checkpoints")
+        model: PeftModel = trainer.model
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+        model.eval()
+        metrics: dict[str, Any] = {"val": response_loss(model, tokenizer, val_pairs, config.eval_batch_size)}
+        metrics["test"], generations = score_responses(model, tokenizer, test, config)
+        with model.disable_adapter():
+            metrics["test_base"], _ = score_responses(model, tokenizer, test, config)
+        shutil.rmtree(tmp / "checkpoints")
+        adapters.save_adapter(model, tokenizer, tmp)
+        records = response_records(test, generations)
+        (tmp / RESPONSES).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        manifest = {
+            "task": "instruct",
+            "created": adapters.now_iso(),
+            "config": config.to_dict(),
+            "base": base_info,
+            "lora": training.lora_section(model, model.peft_config["default"]),
+            "data": {
+                "path": str(data_path),
+                "sha256": data.sha256_file(data_path),
+                "fractions": list(data.INSTRUCTION_FRACTIONS),
+                "seed": config.seed,
+                "split_sizes": {split: len(splits[split]) for split in data.SPLITS},
+                "dropped_longer_than_max_length": {"train": dropped_train, "val": dropped_val},
+                "test_examples_generated": len(test),
+                "prompt_template": "alpaca" if any(splits["train"]["instruction"]) else "prompt as given",
+            },
+            "generation": {
+                "greedy": True,
+                "max_new_tokens": config.max_new_tokens,
+                "batch_size": config.eval_batch_size,
+                "stops_at": tokenizer.eos_token,
+            },
+            "metrics": metrics,
+            "training": training.training_section(trainer, train_seconds),
+            "versions": adapters.library_versions(),
+        }
+        adapters.write_manifest(tmp, manifest)
+        adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
+    return TrainResult(output, manifest, model)
+
+
+def load(adapter: str | Path) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Base (as the manifest names it) + adapter, in eval mode, with the adapter's tokenizer and manifest."""
+    manifest = adapters.read_manifest(adapter)
+    if manifest.get("task") != "instruct":
+        raise UserError(f"{adapter}: a '{manifest.get('task')}' adapter, not an instruction-tuned one")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    base = models.load_causal_base(models.source_from_manifest(manifest["base"]), tokenizer)
+    model = PeftModel.from_pretrained(base, adapter)
+    model.eval()
+    return model, tokenizer, manifest
+
+
+def respond(
+    adapter: str | Path,
+    requests: list[dict[str, str]],
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> list[Generation]:
+    """Answers from a trained adapter. Each request has `instruction` (and optional `input`), put in the
+    training template, or a ready `prompt`. Defaults (length, batch size) come from the adapter's manifest, so
+    that greedy answers to its test examples reproduce test_responses.json."""
+    model, tokenizer, manifest = load(adapter)
+    set_seed(seed)  # sampling only; greedy answers do not depend on it
+    prompts = [
+        r["prompt"] if "prompt" in r else data.format_prompt(r["instruction"], r.get("input", "")) for r in requests
+    ]
+    return generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens or manifest["generation"]["max_new_tokens"],
+        batch_size or manifest["generation"]["batch_size"],
+        temperature,
+        top_p,
+    )
