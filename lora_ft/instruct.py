@@ -44,7 +44,10 @@ def load_splits(
 ) -> tuple[Path, DatasetDict]:
     """The data file, and its train/val/test split fixed by `config.seed`."""
     path = data.resolve_data_file(data.INSTRUCTION_DATA, config.data)
-    return path, data.instruction_splits(data.read_instructions(path), config.seed, fractions)
+    try:
+        return path, data.instruction_splits(data.read_instructions(path), config.seed, fractions)
+    except UserError as e:
+        raise UserError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
 
 def prompt_completion(split: Dataset, eos_token: str) -> Dataset:
@@ -89,7 +92,7 @@ def build_trainer(
         max_length=config.max_length,
         completion_only_loss=True,
         packing=False,
-        gradient_checkpointing=False,  # SFTConfig turns it on by default; LoRA on small models needs no saving
+        activation_checkpointing=False,  # TRL turns it on by default; LoRA on small models needs no saving
         bf16=False,  # SFTConfig's default; lora_ft trains in float32 unless told otherwise
     )
     lora = models.lora_config(base, TaskType.CAUSAL_LM, config)

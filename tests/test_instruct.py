@@ -1,0 +1,242 @@
+"""Instruction tuning on a small random-weight GPT-2 with the real tokenizer: label masking, an overfit run that
+must answer and stop at EOS, reload with plain PEFT, and `generate` reproducing the stored responses."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from lora_ft import data, instruct, models
+from lora_ft.config import load_config
+
+from .conftest import DATA_DIR, run_cli, tree_sha256
+
+EOS = 50256
+# Four short examples, five copies each: 20 rows make a 17/1/2 split, and every test answer was seen in training.
+PAIRS = [
+    ("Name the capital of France.", "", "Paris."),
+    ("Add the numbers.", "2 and 3", "2 plus 3 is 5."),
+    ("Give a synonym for happy.", "", "Joyful."),
+    ("Reverse the word.", "stop", "pots"),
+]
+
+# Plain transformers + PEFT, nothing from lora_ft.
+RELOAD = """
+import sys, numpy as np, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base, adapter, out = sys.argv[1:4]
+tokenizer = AutoTokenizer.from_pretrained(adapter)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+with torch.no_grad():
+    logits = model(**tokenizer(sys.argv[4:], padding=True, return_tensors="pt")).logits
+np.save(out, logits.numpy())
+"""
+
+
+def write_examples(path: Path) -> Path:
+    rows = [{"instruction": i, "input": x, "output": o} for _ in range(5) for i, x, o in PAIRS]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def instruct_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
+    """LoRA trained until greedy decoding gives the four answers (under a minute on 2 cores). The random base's
+    logits are small (frozen final layer norm and tied embeddings), so the loss stays high while the argmax is right."""
+    folder = tmp_path_factory.mktemp("instruct")
+    before = tree_sha256(tiny_gpt2)
+    overrides = {
+        "model": str(tiny_gpt2),
+        "data": str(write_examples(folder / "four.json")),
+        "output": str(folder / "adapter"),
+        "max_steps": 200,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "max_new_tokens": 24,
+    }
+    return instruct.train(load_config("instruct", overrides=overrides)), before
+
+
+def test_template():
+    assert data.format_prompt("Do it.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nDo it.\n\n### Response:\n"
+    )
+    assert data.format_prompt("Do it.", "this").endswith(
+        "### Instruction:\nDo it.\n\n### Input:\nthis\n\n### Response:\n"
+    )
+
+
+def test_course_data_split_sizes():
+    path = DATA_DIR / "instruction_data" / "instruction-data.json"
+    splits = data.instruction_splits(data.read_instructions(path), seed=123)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 935, "val": 55, "test": 110}
+    again = data.instruction_splits(data.read_instructions(path), seed=123)
+    assert splits["test"]["prompt"] == again["test"]["prompt"]
+    other = data.instruction_splits(data.read_instructions(path), seed=7)
+    assert splits["test"]["prompt"] != other["test"]["prompt"]
+
+
+def test_labels_mask_exactly_the_prompt(tiny_gpt2: Path, tmp_path: Path):
+    """What SFTTrainer feeds the model: prompt tokens and padding labelled -100; every response token and the
+    final EOS kept as targets, although GPT-2 pads with that same EOS."""
+    source = models.resolve_model(str(tiny_gpt2))
+    tokenizer = models.load_tokenizer(source)
+    config = load_config("instruct", overrides={"model": str(tiny_gpt2), "batch_size": 4})
+    _, splits = instruct.load_splits(config)
+    train = instruct.prompt_completion(splits["train"].select(range(4)), tokenizer.eos_token)
+    trainer = instruct.build_trainer(
+        config, models.load_causal_base(source, tokenizer), tokenizer, train, train, tmp_path
+    )
+    rows = trainer.train_dataset
+    for row, prompt, output in zip(rows, train["prompt"], splits["train"]["output"][:4], strict=True):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        response_ids = tokenizer(output)["input_ids"] + [EOS]
+        assert row["input_ids"] == prompt_ids + response_ids
+        assert row["labels"] == [-100] * len(prompt_ids) + response_ids
+        assert (row["input_ids"], row["labels"]) == instruct.encode(tokenizer, prompt, output + tokenizer.eos_token)
+
+    batch = trainer.data_collator([rows[i] for i in range(4)])
+    for ids, labels, row in zip(batch["input_ids"], batch["labels"], rows, strict=True):
+        n = len(row["input_ids"])
+        assert labels[:n].tolist() == row["labels"] and labels[n - 1] == EOS
+        assert (labels[n:] == -100).all() and (ids[n:] == EOS).all()  # padding: EOS in, no target
+    assert trainer.model.peft_config["default"].task_type == "CAUSAL_LM"
+
+
+def test_overfit_answers_and_stops_at_eos(instruct_run):
+    result, _ = instruct_run
+    responses = json.loads((result.adapter_dir / instruct.RESPONSES).read_text())
+    assert len(responses) == 2
+    for record in responses:
+        assert set(record) == {"instruction", "input", "output", "model_response"}
+        assert record["model_response"] == record["output"]
+    test = result.manifest["metrics"]["test"]
+    assert test["eos_share"] == 1.0 and test["rouge_l"] == 1.0
+    assert test["mean_new_tokens"] < 24  # stopped at EOS, not at --max-new-tokens
+    base = result.manifest["metrics"]["test_base"]
+    assert base["eos_share"] == 0.0 and base["mean_new_tokens"] == 24  # the random base never stops
+    assert test["loss"] < base["loss"] - 1
+
+
+def test_generate_answers_a_training_instruction_and_stops(instruct_run):
+    result, _ = instruct_run
+    for instruction, input, output in PAIRS:
+        args = ["generate", str(result.adapter_dir), "--instruction", instruction, "--input", input, "--json"]
+        done = run_cli(*args, "--max-new-tokens", "40")
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert answer["response"] == output and answer["stopped_at_eos"] is True
+
+
+def test_adapter_folder_and_manifest(instruct_run, tiny_gpt2: Path):
+    result, before = instruct_run
+    folder = result.adapter_dir
+    names = {f.name for f in folder.iterdir()}
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "lora_ft.json",
+        "loss.png",
+        "test_responses.json",
+    } <= names
+    assert not any(n.startswith(("checkpoint", ".")) for n in names)
+    assert tree_sha256(tiny_gpt2) == before, "the base checkpoint was not touched"
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "CAUSAL_LM" and adapter_config["fan_in_fan_out"] is True
+    manifest = json.loads((folder / "lora_ft.json").read_text())
+    assert manifest["task"] == "instruct"
+    assert manifest["data"]["split_sizes"] == {"train": 17, "val": 1, "test": 2}
+    assert manifest["data"]["prompt_template"] == "alpaca"
+    assert manifest["generation"] == {
+        "greedy": True,
+        "max_new_tokens": 24,
+        "batch_size": 16,
+        "stops_at": "<|endoftext|>",
+    }
+    assert manifest["training"]["steps"] == 200
+    for key in ("loss", "perplexity", "rouge_l", "eos_share", "examples"):
+        assert key in manifest["metrics"]["test"] and key in manifest["metrics"]["test_base"]
+    assert manifest["metrics"]["test"]["perplexity"] == pytest.approx(np.exp(manifest["metrics"]["test"]["loss"]))
+
+
+def test_plain_peft_reload_gives_training_logits(instruct_run, tiny_gpt2: Path, tmp_path: Path):
+    result, _ = instruct_run
+    tokenizer = AutoTokenizer.from_pretrained(result.adapter_dir)
+    texts = [data.format_prompt(i, x) + o for i, x, o in PAIRS]
+    with torch.no_grad():
+        expected = result.model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+    out = tmp_path / "logits.npy"
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tiny_gpt2), str(result.adapter_dir), str(out), *texts],
+        check=True,
+        capture_output=True,
+    )
+    assert np.abs(np.load(out) - expected).max() <= 1e-5
+
+
+def test_generate_reproduces_test_responses(instruct_run):
+    result, _ = instruct_run
+    responses = result.adapter_dir / instruct.RESPONSES
+    done = run_cli("generate", str(result.adapter_dir), "--file", str(responses), "--json")
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["response"] for a in answers] == [r["model_response"] for r in json.loads(responses.read_text())]
+
+
+def test_chat_reads_instructions_from_stdin(instruct_run):
+    result, _ = instruct_run
+    done = run_cli("chat", str(result.adapter_dir), stdin="Name the capital of France.\nGive a synonym for happy.\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["Paris.", "Joyful."]
+
+
+def test_prompt_completion_data(tmp_path: Path):
+    path = tmp_path / "pc.jsonl"
+    path.write_text('{"prompt": "Q: 2+2?\\nA:", "completion": " 4"}\n' * 20)
+    rows = data.read_instructions(path)
+    assert rows[0] == {"instruction": "", "input": "", "prompt": "Q: 2+2?\nA:", "output": " 4"}
+    assert data.read_requests(path, path.read_text())[0] == {"prompt": "Q: 2+2?\nA:"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[{"instruction": "x"}]', "item 1 has no 'output'"),
+        ('[{"instruction": "x", "output": 3}]', "item 1: 'output' must be a string, got int"),
+        ('{"instruction": "x"}', "holds a list of objects, got a dict"),
+        ("[]", "holds no examples"),
+        ('[{"instruction": "x", "output": "y"},', "not valid JSON at line 1"),
+        ('[{"instruction": "x", "output": "y"}]', "1 examples are too few"),
+    ],
+)
+def test_bad_instruction_data_names_file_and_item(tiny_gpt2: Path, tmp_path: Path, text: str, message: str):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    done = run_cli("instruct", "--data", str(path), "--model", str(tiny_gpt2), "--output", str(tmp_path / "o"))
+    assert done.returncode == 2
+    assert str(path) in done.stderr and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
+
+
+def test_instruct_cli_on_course_data(tiny_gpt2: Path, tmp_path: Path):
+    """The command a user runs, on the real 1,100 examples: a few steps, two test answers."""
+    output = tmp_path / "run"
+    done = run_cli(
+        "instruct", "--model", str(tiny_gpt2), "--output", str(output), "--max-steps", "3", "--test-limit", "2",
+        "--max-new-tokens", "8", "--max-length", "256",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "untuned base" in done.stdout and f"adapter: {output}" in done.stdout
+    manifest = json.loads((output / "lora_ft.json").read_text())
+    assert manifest["data"]["split_sizes"] == {"train": 935, "val": 55, "test": 110}
+    assert manifest["data"]["test_examples_generated"] == 2
+    assert manifest["data"]["sha256"] == data.INSTRUCTION_DATA.sha256
+    assert len(json.loads((output / instruct.RESPONSES).read_text())) == 2
+    assert manifest["training"]["steps"] == 3
