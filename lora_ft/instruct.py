@@ -231,8 +231,9 @@ def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
     val_pairs, dropped_val = _within_length(
         prompt_completion(splits["val"], tokenizer.eos_token), tokenizer, config.max_length
     )
-    if len(train_pairs) == 0:
-        raise UserError(f"{data_path}: no training example fits in --max-length {config.max_length} tokens")
+    if len(train_pairs) == 0 or len(val_pairs) == 0:
+        split = "training" if len(train_pairs) == 0 else "val"
+        raise UserError(f"{data_path}: no {split} example fits in --max-length {config.max_length} tokens")
 
     with adapters.staged(output, overwrite) as tmp:
         trainer = build_trainer(config, base, tokenizer, train_pairs, val_pairs, tmp / "checkpoints")

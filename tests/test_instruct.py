@@ -230,7 +230,7 @@ def test_instruct_cli_on_course_data(tiny_gpt2: Path, tmp_path: Path):
     output = tmp_path / "run"
     done = run_cli(
         "instruct", "--model", str(tiny_gpt2), "--output", str(output), "--max-steps", "3", "--test-limit", "2",
-        "--max-new-tokens", "8", "--max-length", "256",
+        "--max-new-tokens", "8", "--max-length", "60",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "untuned base" in done.stdout and f"adapter: {output}" in done.stdout
@@ -240,3 +240,6 @@ def test_instruct_cli_on_course_data(tiny_gpt2: Path, tmp_path: Path):
     assert manifest["data"]["sha256"] == data.INSTRUCTION_DATA.sha256
     assert len(json.loads((output / instruct.RESPONSES).read_text())) == 2
     assert manifest["training"]["steps"] == 3
+    # Examples over --max-length are left out of training and val, counted, and the count is reported.
+    dropped = manifest["data"]["dropped_longer_than_max_length"]
+    assert dropped["train"] > 0 and f"left out, longer than 60 tokens: {dropped}" in done.stdout
