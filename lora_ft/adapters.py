@@ -8,7 +8,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -90,6 +90,22 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_with_base(adapter: str | Path, task: str, load_base: Callable[..., Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, manifest): the base the manifest names, built by `load_base(source, tokenizer,
+    manifest)`, with the adapter applied, in eval mode."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .models import source_from_manifest
+
+    manifest = read_manifest(adapter)
+    if manifest.get("task") != task:
+        raise UserError(f"{adapter}: a '{manifest.get('task')}' adapter, not a {task} one")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    base = load_base(source_from_manifest(manifest["base"]), tokenizer, manifest)
+    return PeftModel.from_pretrained(base, adapter).eval(), tokenizer, manifest
 
 
 def _pyplot() -> Any:

@@ -215,6 +215,8 @@ def run_instruct(args: argparse.Namespace) -> int:
 def _read_requests(args: argparse.Namespace) -> list[dict[str, str]]:
     from . import data
 
+    if args.input and not args.instruction:
+        raise UserError("--input goes with --instruction")
     requests = [{"instruction": args.instruction, "input": args.input}] if args.instruction else []
     if args.file:
         path = Path(args.file)
@@ -235,6 +237,8 @@ def _read_requests(args: argparse.Namespace) -> list[dict[str, str]]:
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict
 from peft import PeftModel, TaskType
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from . import adapters, data, models, training
@@ -22,13 +22,6 @@ from .config import RunConfig
 from .errors import UserError
 
 RESPONSES = "test_responses.json"
-
-
-@dataclass
-class TrainResult:
-    adapter_dir: Path
-    manifest: dict[str, Any]
-    model: PeftModel
 
 
 @dataclass
@@ -213,7 +206,7 @@ def response_records(test: Dataset, generations: list[Generation]) -> list[dict[
     return records
 
 
-def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
+def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
     """Instruction-tune with LoRA and write the adapter folder; returns the folder, manifest and trained model."""
     source = models.resolve_model(config.model)
     output = Path(config.output) if config.output else adapters.default_output("instruct", source.short_name)
@@ -278,19 +271,14 @@ def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
         }
         adapters.write_manifest(tmp, manifest)
         adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
-    return TrainResult(output, manifest, model)
+    return training.TrainResult(output, manifest, model)
 
 
 def load(adapter: str | Path) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Base (as the manifest names it) + adapter, in eval mode, with the adapter's tokenizer and manifest."""
-    manifest = adapters.read_manifest(adapter)
-    if manifest.get("task") != "instruct":
-        raise UserError(f"{adapter}: a '{manifest.get('task')}' adapter, not an instruction-tuned one")
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    base = models.load_causal_base(models.source_from_manifest(manifest["base"]), tokenizer)
-    model = PeftModel.from_pretrained(base, adapter)
-    model.eval()
-    return model, tokenizer, manifest
+    return adapters.load_with_base(
+        adapter, "instruct", lambda source, tokenizer, _: models.load_causal_base(source, tokenizer)
+    )
 
 
 def respond(

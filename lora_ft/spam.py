@@ -15,9 +15,7 @@ from datasets import Dataset, DatasetDict
 from peft import PeftModel, TaskType, get_peft_model
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 from transformers import (
-    AutoTokenizer,
     DataCollatorWithPadding,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
@@ -27,13 +25,6 @@ from transformers import (
 from . import adapters, data, models, training
 from .config import RunConfig
 from .errors import UserError
-
-
-@dataclass
-class TrainResult:
-    adapter_dir: Path
-    manifest: dict[str, Any]
-    model: PeftModel
 
 
 @dataclass
@@ -115,7 +106,7 @@ def _length_order(dataset: Dataset) -> np.ndarray:
     return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
 
 
-def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
+def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
     """Train a LoRA classifier and write its adapter folder; returns the folder, manifest and trained model."""
     source = models.resolve_model(config.model)
     output = Path(config.output) if config.output else adapters.default_output("spam", source.short_name)
@@ -182,7 +173,7 @@ def train(config: RunConfig, overwrite: bool = False) -> TrainResult:
         adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
         title = f"test split, accuracy {metrics['test']['accuracy']:.1%}"
         adapters.plot_confusion(metrics["test"]["confusion_matrix"], names, tmp / "confusion_matrix.png", title)
-    return TrainResult(output, manifest, model)
+    return training.TrainResult(output, manifest, model)
 
 
 def _label_names(manifest: dict[str, Any]) -> list[str]:
@@ -192,15 +183,11 @@ def _label_names(manifest: dict[str, Any]) -> list[str]:
 
 def load(adapter: str | Path) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Base (as the manifest names it) + adapter, in eval mode, with the adapter's tokenizer and manifest."""
-    manifest = adapters.read_manifest(adapter)
-    if manifest.get("task") != "spam":
-        raise UserError(f"{adapter}: a '{manifest.get('task')}' adapter, not a classifier")
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    names = _label_names(manifest)
-    base: PreTrainedModel = models.load_classifier_base(models.source_from_manifest(manifest["base"]), tokenizer, names)
-    model = PeftModel.from_pretrained(base, adapter)
-    model.eval()
-    return model, tokenizer, manifest
+    return adapters.load_with_base(
+        adapter,
+        "spam",
+        lambda source, tokenizer, manifest: models.load_classifier_base(source, tokenizer, _label_names(manifest)),
+    )
 
 
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32) -> list[Prediction]:

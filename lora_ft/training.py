@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,15 @@ from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainingArguments
 
 from .config import RunConfig
+
+
+@dataclass
+class TrainResult:
+    """What `spam.train` and `instruct.train` return: the adapter folder, its manifest, the trained model."""
+
+    adapter_dir: Path
+    manifest: dict[str, Any]
+    model: PeftModel
 
 
 def training_args(

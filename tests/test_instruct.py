@@ -125,14 +125,15 @@ def test_overfit_answers_and_stops_at_eos(instruct_run):
     assert test["loss"] < base["loss"] - 1
 
 
-def test_generate_answers_a_training_instruction_and_stops(instruct_run):
+def test_generate_answers_training_instructions_and_stops(instruct_run, tmp_path: Path):
     result, _ = instruct_run
-    for instruction, input, output in PAIRS:
-        args = ["generate", str(result.adapter_dir), "--instruction", instruction, "--input", input, "--json"]
-        done = run_cli(*args, "--max-new-tokens", "40")
-        assert done.returncode == 0, done.stderr
-        answer = json.loads(done.stdout)
-        assert answer["response"] == output and answer["stopped_at_eos"] is True
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"instruction": i, "input": x}) + "\n" for i, x, _ in PAIRS))
+    done = run_cli("generate", str(result.adapter_dir), "--file", str(requests), "--json", "--max-new-tokens", "40")
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["response"] for a in answers] == [output for _, _, output in PAIRS]
+    assert all(a["stopped_at_eos"] for a in answers)
 
 
 def test_adapter_folder_and_manifest(instruct_run, tiny_gpt2: Path):
@@ -243,3 +244,28 @@ def test_instruct_cli_on_course_data(tiny_gpt2: Path, tmp_path: Path):
     # Examples over --max-length are left out of training and val, counted, and the count is reported.
     dropped = manifest["data"]["dropped_longer_than_max_length"]
     assert dropped["train"] > 0 and f"left out, longer than 60 tokens: {dropped}" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "nothing to answer"),
+        (["--input", "x"], "--input goes with --instruction"),
+        (["--instruction", "x", "--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
+        (["--instruction", "x", "--top-p", "0"], "--top-p in (0, 1]"),
+    ],
+)
+def test_generate_refuses_bad_requests(instruct_run, args: list[str], message: str):
+    result, _ = instruct_run
+    done = run_cli("generate", str(result.adapter_dir), *args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_generate_names_the_bad_line_of_a_file(instruct_run, tmp_path: Path):
+    result, _ = instruct_run
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"instruction": "Name the capital of France."}\n{"input": "no instruction"}\n')
+    done = run_cli("generate", str(result.adapter_dir), "--file", str(requests))
+    assert done.returncode == 2 and f"{requests}: line 2 has no 'instruction'" in done.stderr
+    answered = run_cli("generate", str(result.adapter_dir), "--file", "-", stdin=requests.read_text().splitlines()[0])
+    assert answered.returncode == 0 and answered.stdout.strip() == "Paris."
