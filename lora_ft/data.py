@@ -215,14 +215,19 @@ def read_labeled(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def split_indices(n: int, fractions: tuple[float, ...], rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffle 0..n-1 and cut it by `fractions`; the last split takes the remainder."""
+def split_indices(
+    n: int, fractions: tuple[float, ...], rng: np.random.Generator, source: str | Path = "data"
+) -> list[np.ndarray]:
+    """Shuffle 0..n-1 and cut it by `fractions`; the last split takes the remainder. Every split must get a row;
+    `source` names the data in the error when one would not."""
     order = rng.permutation(n)
     cuts, start = [], 0
     for fraction in fractions[:-1]:
         cuts.append(order[start : start + int(n * fraction)])
         start += int(n * fraction)
     cuts.append(order[start:])
+    if min(len(c) for c in cuts) == 0:
+        raise UserError(f"{source}: {n} rows are too few for a {'/'.join(str(f) for f in fractions)} split")
     return cuts
 
 
@@ -231,6 +236,7 @@ def classification_splits(
     seed: int,
     balance: bool,
     fractions: tuple[float, float, float] = CLASSIFICATION_FRACTIONS,
+    source: str | Path = "data",
 ) -> DatasetDict:
     """Balance (undersample every class to the smallest one) and split train/val/test; `seed` fixes both."""
     names = sorted({label for label, _ in rows})
@@ -241,9 +247,7 @@ def classification_splits(
         smallest = min(np.bincount(labels))
         per_class = [rng.choice(np.flatnonzero(labels == c), smallest, replace=False) for c in range(len(names))]
         keep = np.sort(np.concatenate(per_class))
-    parts = split_indices(len(keep), fractions, rng)
-    if min(len(p) for p in parts) == 0:
-        raise UserError(f"{len(keep)} rows are too few for a {'/'.join(str(f) for f in fractions)} split")
+    parts = split_indices(len(keep), fractions, rng, source)
     features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
     return DatasetDict(
         {
@@ -325,12 +329,13 @@ def read_requests(path: Path, text: str) -> list[dict[str, str]]:
 
 
 def instruction_splits(
-    rows: list[dict[str, str]], seed: int, fractions: tuple[float, float, float] = INSTRUCTION_FRACTIONS
+    rows: list[dict[str, str]],
+    seed: int,
+    fractions: tuple[float, float, float] = INSTRUCTION_FRACTIONS,
+    source: str | Path = "data",
 ) -> DatasetDict:
     """Shuffle and split train/val/test; `seed` fixes it (935/55/110 for the course's 1,100 examples)."""
-    parts = split_indices(len(rows), fractions, np.random.default_rng(seed))
-    if min(len(p) for p in parts) == 0:
-        raise UserError(f"{len(rows)} examples are too few for a {'/'.join(str(f) for f in fractions)} split")
+    parts = split_indices(len(rows), fractions, np.random.default_rng(seed), source)
     return DatasetDict(
         {split: Dataset.from_list([rows[i] for i in part]) for split, part in zip(SPLITS, parts, strict=True)}
     )

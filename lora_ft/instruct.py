@@ -37,10 +37,7 @@ def load_splits(
 ) -> tuple[Path, DatasetDict]:
     """The data file, and its train/val/test split fixed by `config.seed`."""
     path = data.resolve_data_file(data.INSTRUCTION_DATA, config.data)
-    try:
-        return path, data.instruction_splits(data.read_instructions(path), config.seed, fractions)
-    except UserError as e:
-        raise UserError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+    return path, data.instruction_splits(data.read_instructions(path), config.seed, fractions, path)
 
 
 def prompt_completion(split: Dataset, eos_token: str) -> Dataset:

@@ -40,7 +40,7 @@ def load_splits(
     """The data file, and its (balanced) train/val/test split fixed by `config.seed`."""
     path = data.resolve_data_file(data.SMS_SPAM, config.data)
     rows = data.read_labeled(path)
-    return path, data.classification_splits(rows, config.seed, config.balance, fractions)
+    return path, data.classification_splits(rows, config.seed, config.balance, fractions, path)
 
 
 def tokenize(dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Any:

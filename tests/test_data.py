@@ -160,3 +160,9 @@ def test_offline_without_data_names_the_ways_out(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("LORA_FT_CACHE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="--data PATH"):
         data.resolve_data_file(data.SMS_SPAM)
+
+
+def test_too_few_rows_for_the_split_names_the_data():
+    rows = [("ham", "hi"), ("spam", "win")] * 2
+    with pytest.raises(UserError, match=r"^sms\.tsv: 4 rows are too few for a 0.7/0.1/0.2 split$"):
+        data.classification_splits(rows, seed=0, balance=True, source="sms.tsv")

@@ -214,7 +214,7 @@ def test_prompt_completion_data(tmp_path: Path):
         ('{"instruction": "x"}', "holds a list of objects, got a dict"),
         ("[]", "holds no examples"),
         ('[{"instruction": "x", "output": "y"},', "not valid JSON at line 1"),
-        ('[{"instruction": "x", "output": "y"}]', "1 examples are too few"),
+        ('[{"instruction": "x", "output": "y"}]', "1 rows are too few"),
     ],
 )
 def test_bad_instruction_data_names_file_and_item(tiny_gpt2: Path, tmp_path: Path, text: str, message: str):
