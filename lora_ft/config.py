@@ -142,10 +142,10 @@ def load_config(task: str, recipe: str | Path | None = None, overrides: dict[str
     if default_recipe(task).is_file():
         values.update(read_recipe(default_recipe(task), task))
     if recipe is not None:
-        user = read_recipe(Path(recipe))
+        user = read_recipe(Path(recipe), task)
         if user.get("task", task) != task:
             raise UserError(f"{recipe}: recipe is for task '{user['task']}', not '{task}'")
-        values.update(validate(user, str(recipe), task))
+        values.update(user)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(validate(given, "command line", task))
     values["task"] = task

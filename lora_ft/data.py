@@ -317,15 +317,17 @@ def read_instructions(path: Path) -> list[dict[str, str]]:
     return _instruction_records(path, _read_text(path), with_output=True)
 
 
+def as_given(row: dict[str, str]) -> dict[str, str]:
+    """A row as its data file gave it: `instruction` and `input`, or the raw `prompt`."""
+    return (
+        {"instruction": row["instruction"], "input": row["input"]} if row["instruction"] else {"prompt": row["prompt"]}
+    )
+
+
 def read_requests(path: Path, text: str) -> list[dict[str, str]]:
     """What `generate --file` answers: objects with `instruction` (+ `input`) or `prompt`; other keys (an
     `output`, a `model_response`) are ignored, so a test_responses.json can be fed back in."""
-    return [
-        {"prompt": row["prompt"]}
-        if not row["instruction"]
-        else {"instruction": row["instruction"], "input": row["input"]}
-        for row in _instruction_records(path, text, with_output=False)
-    ]
+    return [as_given(row) for row in _instruction_records(path, text, with_output=False)]
 
 
 def instruction_splits(

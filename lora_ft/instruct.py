@@ -105,7 +105,8 @@ def response_loss(
         ids = _pad([torch.tensor(i) for i, _ in batch], tokenizer.pad_token_id).to(device)
         labels = _pad([torch.tensor(label) for _, label in batch], -100).to(device)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=_real(batch, ids)).logits
+            mask = _pad([torch.ones(len(i), dtype=torch.long) for i, _ in batch], 0).to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
         total += torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
         ).item()
@@ -116,12 +117,6 @@ def response_loss(
 
 def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
-
-
-def _real(batch: list[tuple[list[int], list[int]]], ids: torch.Tensor) -> torch.Tensor:
-    """Attention mask of right-padded rows: 1 for each row's own tokens."""
-    lengths = torch.tensor([len(i) for i, _ in batch], device=ids.device)
-    return torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
 
 
 def generate(
@@ -136,7 +131,7 @@ def generate(
     """Responses to `prompts` (already templated), greedy unless `temperature` > 0, each ending at EOS or after
     `max_new_tokens`. Prompts run shortest first, left-padded, `batch_size` at a time; results come back in order."""
     order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i])["input_ids"]))
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name
     device = next(model.parameters()).device
     results: dict[int, Generation] = {}
     sampling: dict[str, Any] = {"do_sample": False}
@@ -196,11 +191,10 @@ def score_responses(
 
 def response_records(test: Dataset, generations: list[Generation]) -> list[dict[str, Any]]:
     """test_responses.json: the example as given (instruction/input, or the raw prompt) with the model's answer."""
-    records = []
-    for row, g in zip(test, generations, strict=True):
-        given = {"instruction": row["instruction"], "input": row["input"]} if row["instruction"] else {}
-        records.append({**(given or {"prompt": row["prompt"]}), "output": row["output"], "model_response": g.response})
-    return records
+    return [
+        {**data.as_given(row), "output": row["output"], "model_response": g.response}
+        for row, g in zip(test, generations, strict=True)
+    ]
 
 
 def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
