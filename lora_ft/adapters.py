@@ -1,4 +1,5 @@
-"""The adapter folder: written atomically (temp dir, then rename), with its manifest and plots; read back."""
+"""The adapter folder: written atomically (temp dir, then rename), with its manifest and plots; read back with
+its base; listed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -77,35 +79,134 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
+def read_manifest(folder: str | Path, adapter: bool = True) -> dict[str, Any]:
+    """The folder's manifest. With `adapter`, the folder must also hold PEFT's adapter (not a merged export)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
         raise UserError(f"{folder}: adapter folder not found")
     if not path.is_file():
         raise UserError(f"{folder}: not a lora_ft adapter folder (no {MANIFEST})")
-    if not (folder / "adapter_config.json").is_file():
-        raise UserError(f"{folder}: adapter_config.json is missing")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: a manifest is a JSON object, got {type(manifest).__name__}")
+    if adapter and not (folder / "adapter_config.json").is_file():
+        if "merge" in manifest:
+            raise UserError(f"{folder}: a merged export, not an adapter (load it with transformers directly)")
+        raise UserError(f"{folder}: adapter_config.json is missing")
+    return manifest
 
 
-def load_with_base(adapter: str | Path, task: str, load_base: Callable[..., Any]) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, tokenizer, manifest): the base the manifest names, built by `load_base(source, tokenizer,
-    manifest)`, with the adapter applied, in eval mode."""
+@dataclass
+class Loaded:
+    """An adapter on its base, in eval mode; `base` describes the base actually loaded, and `base_mismatches`
+    how it differs from the one the adapter was trained on (empty unless `force` accepted a different base)."""
+
+    model: Any
+    tokenizer: Any
+    manifest: dict[str, Any]
+    base: dict[str, Any]
+    base_mismatches: list[str]
+
+
+def load_with_base(
+    adapter: str | Path,
+    task: str,
+    load_base: Callable[..., Any],
+    source: Any = None,
+    force: bool = False,
+) -> Loaded:
+    """The adapter on a base built by `load_base(source, tokenizer, manifest)`: the base the manifest names, or
+    `source`. A base that is not the one the adapter was trained on (architecture, size, weights) is refused
+    unless `force`."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .models import source_from_manifest
+    from .models import base_mismatches, describe_base, source_from_manifest
 
     manifest = read_manifest(adapter)
     if manifest.get("task") != task:
         raise UserError(f"{adapter}: a '{manifest.get('task')}' adapter, not a {task} one")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    base = load_base(source_from_manifest(manifest["base"]), tokenizer, manifest)
-    return PeftModel.from_pretrained(base, adapter).eval(), tokenizer, manifest
+    source = source or source_from_manifest(manifest["base"])
+    base = load_base(source, tokenizer, manifest)
+    info = describe_base(source, base)
+    mismatches = base_mismatches(manifest["base"], info)
+    if mismatches and not force:
+        raise UserError(
+            f"{adapter}: {source.spec} is not the base it was trained on ({'; '.join(mismatches)}); "
+            "pass --force to use it anyway"
+        )
+    try:
+        model = PeftModel.from_pretrained(base, adapter).eval()
+    except RuntimeError as e:  # tensor shapes that do not fit, once --force let a different base through
+        lines = [line.strip() for line in str(e).splitlines()]
+        why = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+        raise UserError(f"{adapter}: its weights do not fit {source.spec} ({why})") from None
+    return Loaded(model, tokenizer, manifest, info, mismatches)
+
+
+# The test metric `adapters` shows for each task.
+KEY_METRICS = {"spam": "accuracy", "instruct": "rouge_l"}
+
+
+@dataclass
+class Listed:
+    """One row of `adapters`: an adapter or merged export folder, described by its manifest."""
+
+    path: str
+    kind: str  # "adapter" | "merged" | "?" (manifest unreadable)
+    task: str | None = None
+    base: str | None = None
+    created: str | None = None
+    metric: str | None = None
+    value: float | None = None
+    size_bytes: int = 0
+    problem: str | None = None
+
+
+def folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def base_name(base: dict[str, Any]) -> str:
+    """A short name for a manifest's base: the Hub id or alias, or the folder's name."""
+    return base["spec"] if base.get("kind") != "local" else Path(base["location"]).name
+
+
+def describe_folder(folder: Path) -> Listed:
+    """The listing row of an adapter or merged-export folder (for an export: when and onto what it was merged)."""
+    listed = Listed(str(folder), "adapter" if (folder / "adapter_config.json").is_file() else "?")
+    listed.size_bytes = folder_size(folder)
+    try:
+        manifest = read_manifest(folder, adapter=False)
+        merge = manifest.get("merge")
+        if merge and listed.kind == "?":
+            listed.kind = "merged"
+        task = manifest["task"]
+        listed.task, listed.metric = task, KEY_METRICS.get(task)
+        listed.created = (merge or manifest).get("created")
+        listed.base = base_name((merge or manifest)["base"])
+        listed.value = manifest.get("metrics", {}).get("test", {}).get(listed.metric)
+    except UserError as e:
+        listed.problem = str(e)
+    except (KeyError, TypeError, AttributeError) as e:
+        listed.problem = f"{folder / MANIFEST}: unexpected content ({type(e).__name__}: {e})"
+    return listed
+
+
+def list_adapters(root: str | Path = ADAPTERS_DIR) -> list[Listed]:
+    """Every adapter or merged-export folder under `root` (any depth), oldest first. Hidden folders (temp
+    folders of writes in progress) are skipped; a folder whose manifest cannot be read is listed with the reason."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: folder not found")
+    folders = {p.parent for name in (MANIFEST, "adapter_config.json") for p in root.rglob(name)}
+    visible = [f for f in folders if not any(part.startswith(".") for part in f.relative_to(root).parts)]
+    return sorted(map(describe_folder, visible), key=lambda listed: (listed.created or "", listed.path))
 
 
 def _pyplot() -> Any:

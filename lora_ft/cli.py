@@ -100,6 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("adapter", help="adapter folder")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    merge = commands.add_parser("merge", help="fold an adapter into its base and write a standalone model")
+    merge.add_argument("adapter", help="adapter folder")
+    merge.add_argument("--output", required=True, help="folder to write the merged model to")
+    merge.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights dtype")
+    merge.add_argument("--base", help="base model to merge into (default: the one the adapter names)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    merge.add_argument("--force", action="store_true", help="merge even into a base the adapter was not trained on")
+    merge.add_argument(
+        "--tolerance", type=float, default=1e-4, help="largest logit difference allowed against base + adapter"
+    )
+
+    listing = commands.add_parser("adapters", help="list the adapters (and merged exports) in a folder")
+    listing.add_argument(
+        "folder", nargs="?", default="adapters", help="where to look, at any depth (default: adapters)"
+    )
+    listing.add_argument("--json", action="store_true", help="a JSON list, for scripts")
+
+    inspect = commands.add_parser("inspect", help="show an adapter's (or export's) manifest, readably")
+    inspect.add_argument("adapter", help="adapter or merged-export folder")
+    inspect.add_argument("--json", action="store_true", help="the manifest as it is stored")
+
     for sub in commands.choices.values():
         _add_common(sub)
     return parser
@@ -264,9 +285,9 @@ def run_chat(args: argparse.Namespace) -> int:
     from . import data, instruct
 
     sampling = _sampling(args)
-    model, tokenizer, manifest = instruct.load(args.adapter)
+    loaded = instruct.load(args.adapter)
     set_seed(args.seed)
-    limit = sampling.pop("max_new_tokens") or manifest["generation"]["max_new_tokens"]
+    limit = sampling.pop("max_new_tokens") or loaded.manifest["generation"]["max_new_tokens"]
     interactive = sys.stdin.isatty()
     while True:
         try:
@@ -275,8 +296,108 @@ def run_chat(args: argparse.Namespace) -> int:
             break
         if not line.strip():
             break
-        (answer,) = instruct.generate(model, tokenizer, [data.format_prompt(line)], limit, **sampling)
+        (answer,) = instruct.generate(loaded.model, loaded.tokenizer, [data.format_prompt(line)], limit, **sampling)
         print(answer.response, flush=True)
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from . import merge
+
+    if args.tolerance <= 0:
+        raise UserError(f"--tolerance must be > 0, got {args.tolerance}")
+    result = merge.merge(args.adapter, args.output, args.dtype, args.base, args.overwrite, args.force, args.tolerance)
+    section = result.manifest["merge"]
+    check = section["check"]
+    for mismatch in section["base_mismatches_forced"]:
+        print(f"warning: --force: base differs from the adapter's ({mismatch})", file=sys.stderr)
+    print(f"merged {args.adapter} into {section['base']['location']} -> {result.output} ({args.dtype})")
+    print(
+        f"checked on {check['inputs']}: max |logit difference| against base + adapter "
+        f"{check['max_abs_logit_diff_float32']:.2e} in float32"
+        + ("" if args.dtype == "float32" else f", {check['max_abs_logit_diff']:.2e} in {args.dtype}")
+    )
+    auto = "AutoModelForSequenceClassification" if result.manifest["task"] == "spam" else "AutoModelForCausalLM"
+    print(f'load it with transformers: {auto}.from_pretrained("{result.output}")')
+    return 0
+
+
+def run_adapters(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from . import adapters
+
+    found = adapters.list_adapters(args.folder)
+    if args.json:
+        print(json.dumps([asdict(listed) for listed in found], indent=2))
+        return 0
+    if not found:
+        print(f"no adapters under {args.folder}")
+        return 0
+    rows = [("path", "kind", "task", "base", "created (UTC)", "test metric", "size")]
+    for listed in found:
+        metric = f"{listed.metric} {listed.value:.4f}" if listed.value is not None else "-"
+        created = (listed.created or "-").replace("T", " ")[:16]
+        base, task = listed.base or "?", listed.task or "?"
+        rows.append((listed.path, listed.kind, task, base, created, metric, _size(listed.size_bytes)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for listed in found:
+        if listed.problem:
+            print(f"unreadable: {listed.problem}")
+    return 0
+
+
+def _readable(value: Any, indent: int = 0) -> list[str]:
+    """A manifest as indented `key: value` lines; short lists inline, floats to 4 significant digits."""
+    pad = "  " * indent
+    lines = []
+    for key, item in value.items():
+        if key == "log_history":
+            lines.append(f"{pad}{key}: {len(item)} entries (see --json)")
+        elif isinstance(item, dict) and item:
+            lines.append(f"{pad}{key}:")
+            lines += _readable(item, indent + 1)
+        else:
+            lines.append(f"{pad}{key}: {_scalar(item)}")
+    return lines
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_scalar, value)) + "]"
+    return "-" if value is None or value == {} else str(value)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from . import adapters
+
+    folder = Path(args.adapter)
+    manifest = adapters.read_manifest(folder, adapter=False)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    listed = adapters.describe_folder(folder)
+    kind = "merged export" if listed.kind == "merged" else "adapter"
+    print(f"{folder}: {manifest.get('task')} {kind}, {_size(listed.size_bytes)}")
+    if listed.value is not None:
+        print(f"test {listed.metric}: {listed.value:.4f}")
+    print("\n".join(_readable(manifest)))
+    print("files:")
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            print(f"  {f.name}  {_size(f.stat().st_size)}")
     return 0
 
 
@@ -287,7 +408,12 @@ COMMANDS = {
     "instruct": run_instruct,
     "generate": run_generate,
     "chat": run_chat,
+    "merge": run_merge,
+    "adapters": run_adapters,
+    "inspect": run_inspect,
 }
+# Commands that only read JSON: they skip importing the ML libraries (seconds of startup).
+LIGHT_COMMANDS = {"adapters", "inspect"}
 
 
 def _quiet_libraries() -> None:
@@ -306,7 +432,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.debug:
+    if not args.debug and args.command not in LIGHT_COMMANDS:
         _quiet_libraries()
     try:
         return COMMANDS[args.command](args)

@@ -150,3 +150,12 @@ def load_config(task: str, recipe: str | Path | None = None, overrides: dict[str
     values.update(validate(given, "command line", task))
     values["task"] = task
     return RunConfig(**values)
+
+
+def recorded_config(manifest: dict[str, Any]) -> RunConfig:
+    """The config an adapter was trained with (its manifest's), reading the data file it recorded if that is
+    still there."""
+    config = RunConfig(**manifest["config"])
+    recorded = Path(manifest["data"]["path"])
+    config.data = str(recorded) if recorded.is_file() else config.data
+    return config

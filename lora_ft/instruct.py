@@ -265,11 +265,13 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
     return training.TrainResult(output, manifest, model)
 
 
-def load(adapter: str | Path) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Base (as the manifest names it) + adapter, in eval mode, with the adapter's tokenizer and manifest."""
-    return adapters.load_with_base(
-        adapter, "instruct", lambda source, tokenizer, _: models.load_causal_base(source, tokenizer)
-    )
+def load_base(source: models.ModelSource, tokenizer: PreTrainedTokenizerBase, _: dict[str, Any]) -> PreTrainedModel:
+    return models.load_causal_base(source, tokenizer)
+
+
+def load(adapter: str | Path, base: models.ModelSource | None = None, force: bool = False) -> adapters.Loaded:
+    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer."""
+    return adapters.load_with_base(adapter, "instruct", load_base, base, force)
 
 
 def respond(
@@ -284,14 +286,15 @@ def respond(
     """Answers from a trained adapter. Each request has `instruction` (and optional `input`), put in the
     training template, or a ready `prompt`. Defaults (length, batch size) come from the adapter's manifest, so
     that greedy answers to its test examples reproduce test_responses.json."""
-    model, tokenizer, manifest = load(adapter)
+    loaded = load(adapter)
+    manifest = loaded.manifest
     set_seed(seed)  # sampling only; greedy answers do not depend on it
     prompts = [
         r["prompt"] if "prompt" in r else data.format_prompt(r["instruction"], r.get("input", "")) for r in requests
     ]
     return generate(
-        model,
-        tokenizer,
+        loaded.model,
+        loaded.tokenizer,
         prompts,
         max_new_tokens or manifest["generation"]["max_new_tokens"],
         batch_size or manifest["generation"]["batch_size"],

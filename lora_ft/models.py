@@ -250,6 +250,28 @@ def describe_base(source: ModelSource, model: PreTrainedModel) -> dict[str, Any]
     return info
 
 
+# What makes two bases the same one: (manifest key, name in messages). Weights are compared by hash or revision
+# only where both sides have one.
+BASE_IDENTITY = (
+    ("model_type", "architecture"),
+    ("hidden_size", "hidden size"),
+    ("num_layers", "layers"),
+    ("weights_sha256", "weights sha256"),
+    ("revision", "Hub revision"),
+)
+
+
+def base_mismatches(recorded: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """How the base `actual` differs from the `recorded` one (manifest `base` sections); empty when it does not."""
+    found = []
+    for key, name in BASE_IDENTITY:
+        was, now = recorded.get(key), actual.get(key)
+        if was is not None and now is not None and was != now:
+            shown = [v[:12] + "..." if isinstance(v, str) and len(v) > 15 else v for v in (was, now)]
+            found.append(f"{name} {shown[1]}, adapter trained on {shown[0]}")
+    return found
+
+
 def _cached_revision(repo_id: str) -> str | None:
     from huggingface_hub import scan_cache_dir
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
-from peft import PeftModel, TaskType, get_peft_model
+from peft import TaskType, get_peft_model
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 from transformers import (
     DataCollatorWithPadding,
@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from . import adapters, data, models, training
-from .config import RunConfig
+from .config import RunConfig, recorded_config
 from .errors import UserError
 
 
@@ -181,17 +181,19 @@ def _label_names(manifest: dict[str, Any]) -> list[str]:
     return sorted(manifest["labels"], key=manifest["labels"].get)
 
 
-def load(adapter: str | Path) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Base (as the manifest names it) + adapter, in eval mode, with the adapter's tokenizer and manifest."""
-    return adapters.load_with_base(
-        adapter,
-        "spam",
-        lambda source, tokenizer, manifest: models.load_classifier_base(source, tokenizer, _label_names(manifest)),
-    )
+def load_base(source: models.ModelSource, tokenizer: PreTrainedTokenizerBase, manifest: dict[str, Any]) -> Any:
+    """The classifier base an adapter goes on: its label names from the manifest, a new (untrained) head."""
+    return models.load_classifier_base(source, tokenizer, _label_names(manifest))
+
+
+def load(adapter: str | Path, base: models.ModelSource | None = None, force: bool = False) -> adapters.Loaded:
+    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer."""
+    return adapters.load_with_base(adapter, "spam", load_base, base, force)
 
 
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32) -> list[Prediction]:
-    model, tokenizer, manifest = load(adapter)
+    loaded = load(adapter)
+    model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
     names = _label_names(manifest)
     encoded = tokenize(Dataset.from_dict({"text": texts}), tokenizer, manifest["config"]["max_length"])
     probabilities = torch.softmax(torch.from_numpy(predict_logits(model, tokenizer, encoded, batch_size)), -1)
@@ -206,17 +208,15 @@ def evaluate(adapter: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rebuild the adapter's test split from its manifest and recompute the test metrics.
     Returns (recomputed test metrics, manifest)."""
     manifest = adapters.read_manifest(adapter)
-    config = RunConfig(**manifest["config"])
-    recorded = Path(manifest["data"]["path"])
-    config.data = str(recorded) if recorded.is_file() else config.data
+    config = recorded_config(manifest)
     data_path, splits = load_splits(config, tuple(manifest["data"]["fractions"]))
     if data.sha256_file(data_path) != manifest["data"]["sha256"]:
         raise UserError(f"{data_path}: not the data this adapter was trained on (sha256 differs from the manifest)")
     sizes = {split: len(splits[split]) for split in data.SPLITS}
     if sizes != manifest["data"]["split_sizes"]:
         raise UserError(f"{adapter}: rebuilt split sizes {sizes} differ from the manifest's")
-    model, tokenizer, _ = load(adapter)
+    loaded = load(adapter)
     names = splits["test"].features["label"].names
-    test = tokenize(splits["test"], tokenizer, config.max_length)
-    logits = predict_logits(model, tokenizer, test, config.eval_batch_size)
+    test = tokenize(splits["test"], loaded.tokenizer, config.max_length)
+    logits = predict_logits(loaded.model, loaded.tokenizer, test, config.eval_batch_size)
     return classification_metrics(np.array(test["label"]), logits, names), manifest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,14 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("LORA_FT_SHARED", REPO.parent / "shared"))
 DATA_DIR = SHARED / "data"
 GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
+
+# Four short examples, five copies each: 20 rows make a 17/1/2 split, and every test answer was seen in training.
+PAIRS = [
+    ("Name the capital of France.", "", "Paris."),
+    ("Add the numbers.", "2 and 3", "2 plus 3 is 5."),
+    ("Give a synonym for happy.", "", "Joyful."),
+    ("Reverse the word.", "stop", "pots"),
+]
 
 # Every test (and every CLI subprocess they start) reads data from ../shared and never reaches a network.
 os.environ["LORA_FT_DATA_DIR"] = str(DATA_DIR)
@@ -72,3 +81,30 @@ def spam_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
     config = load_config("spam", overrides={"model": str(tiny_gpt2), "output": str(output), "max_steps": 40})
     result = spam.train(config)
     return result, before
+
+
+def write_examples(path: Path) -> Path:
+    rows = [{"instruction": i, "input": x, "output": o} for _ in range(5) for i, x, o in PAIRS]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def instruct_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
+    """LoRA trained until greedy decoding gives the four answers (under a minute on 2 cores). The random base's
+    logits are small (frozen final layer norm and tied embeddings), so the loss stays high while the argmax is right."""
+    from lora_ft import instruct
+    from lora_ft.config import load_config
+
+    folder = tmp_path_factory.mktemp("instruct")
+    before = tree_sha256(tiny_gpt2)
+    overrides = {
+        "model": str(tiny_gpt2),
+        "data": str(write_examples(folder / "four.json")),
+        "output": str(folder / "adapter"),
+        "max_steps": 200,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "max_new_tokens": 24,
+    }
+    return instruct.train(load_config("instruct", overrides=overrides)), before

@@ -14,17 +14,9 @@ from transformers import AutoTokenizer
 from lora_ft import data, instruct, models
 from lora_ft.config import load_config
 
-from .conftest import DATA_DIR, run_cli, tree_sha256
+from .conftest import DATA_DIR, PAIRS, run_cli, tree_sha256
 
 EOS = 50256
-# Four short examples, five copies each: 20 rows make a 17/1/2 split, and every test answer was seen in training.
-PAIRS = [
-    ("Name the capital of France.", "", "Paris."),
-    ("Add the numbers.", "2 and 3", "2 plus 3 is 5."),
-    ("Give a synonym for happy.", "", "Joyful."),
-    ("Reverse the word.", "stop", "pots"),
-]
-
 # Plain transformers + PEFT, nothing from lora_ft.
 RELOAD = """
 import sys, numpy as np, torch
@@ -37,30 +29,6 @@ with torch.no_grad():
     logits = model(**tokenizer(sys.argv[4:], padding=True, return_tensors="pt")).logits
 np.save(out, logits.numpy())
 """
-
-
-def write_examples(path: Path) -> Path:
-    rows = [{"instruction": i, "input": x, "output": o} for _ in range(5) for i, x, o in PAIRS]
-    path.write_text(json.dumps(rows))
-    return path
-
-
-@pytest.fixture(scope="session")
-def instruct_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
-    """LoRA trained until greedy decoding gives the four answers (under a minute on 2 cores). The random base's
-    logits are small (frozen final layer norm and tied embeddings), so the loss stays high while the argmax is right."""
-    folder = tmp_path_factory.mktemp("instruct")
-    before = tree_sha256(tiny_gpt2)
-    overrides = {
-        "model": str(tiny_gpt2),
-        "data": str(write_examples(folder / "four.json")),
-        "output": str(folder / "adapter"),
-        "max_steps": 200,
-        "batch_size": 4,
-        "lr": 1e-2,
-        "max_new_tokens": 24,
-    }
-    return instruct.train(load_config("instruct", overrides=overrides)), before
 
 
 def test_template():

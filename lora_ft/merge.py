@@ -1,0 +1,157 @@
+"""Merge: fold an adapter into its base, check the result against base + adapter, and write a standalone model
+that plain transformers loads (no lora_ft, no peft)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
+
+from . import adapters, data, instruct, models, spam
+from .config import RunConfig
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOLERANCE = 1e-4  # max abs logit difference allowed between the float32 merge and base + adapter
+LOADERS: dict[str, Callable[..., adapters.Loaded]] = {"spam": spam.load, "instruct": instruct.load}
+CHECK_EXAMPLES = 8
+CHECK_MAX_TOKENS = 128
+# Used when the adapter's own data file is gone or changed.
+BUILT_IN_TEXTS = [
+    "WINNER!! You have been selected to receive a £900 prize reward! Call now to claim.",
+    "Are we still on for dinner tonight? I'll be there at 7.",
+    data.format_prompt("Name three primary colors.") + "Red, yellow and blue.",
+    data.format_prompt("Rewrite the sentence in passive voice.", "The cat chased the mouse.")
+    + "The mouse was chased by the cat.",
+]
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    manifest: dict[str, Any]
+
+
+def check_texts(manifest: dict[str, Any], count: int = CHECK_EXAMPLES) -> tuple[list[str], str]:
+    """Inputs to compare the merged model on: the first test examples of the adapter's own split (rebuilt from its
+    manifest; for instruct, prompt + reference response), or built-in texts when its data file is not there as
+    it was. Also says which."""
+    recorded = Path(manifest["data"]["path"])
+    if not recorded.is_file() or data.sha256_file(recorded) != manifest["data"]["sha256"]:
+        return BUILT_IN_TEXTS, f"{len(BUILT_IN_TEXTS)} built-in texts ({recorded} is not there as it was)"
+    config = RunConfig(**{**manifest["config"], "data": str(recorded)})
+    fractions = tuple(manifest["data"]["fractions"])
+    if manifest["task"] == "spam":
+        test = spam.load_splits(config, fractions)[1]["test"]
+        texts = test["text"][:count]
+    else:
+        test = instruct.load_splits(config, fractions)[1]["test"]
+        texts = [row["prompt"] + row["output"] for row in test.select(range(min(count, len(test))))]
+    return texts, f"the first {len(texts)} test examples of {recorded}"
+
+
+def _logits(model: torch.nn.Module, batch: BatchEncoding) -> torch.Tensor:
+    """Logits as float32; for a causal LM only at real (not padding) positions."""
+    with torch.no_grad():
+        logits = model(**batch).logits.float()
+    return logits[batch["attention_mask"].bool()] if logits.dim() == 3 else logits
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def _check_output(output: Path, protected: dict[str, Path], overwrite: bool) -> None:
+    """`output` must be free (or `overwrite`), and neither be nor sit inside nor hold the adapter or the base."""
+    target = output.resolve()
+    for what, folder in protected.items():
+        folder = folder.resolve()
+        if target == folder or folder in target.parents or target in folder.parents:
+            raise UserError(f"--output {output}: overlaps {what} ({folder}); choose a folder of its own")
+    adapters.check_output_free(output, overwrite)
+
+
+def merge(
+    adapter: str | Path,
+    output: str | Path,
+    dtype: str = "float32",
+    base: str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    tolerance: float = TOLERANCE,
+) -> MergeResult:
+    """Load the adapter on its base (the manifest's, or `base`), merge it in float32, check the merged logits
+    against base + adapter (refusing above `tolerance`), cast to `dtype`, and write `output` atomically:
+    safetensors weights, config, tokenizer, and the adapter's manifest with a `merge` section."""
+    adapter, output = Path(adapter), Path(output)
+    manifest = adapters.read_manifest(adapter)
+    if manifest.get("task") not in LOADERS:
+        raise UserError(f"{adapter / adapters.MANIFEST}: unknown task {manifest.get('task')!r}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    source = models.resolve_model(base) if base else models.source_from_manifest(manifest["base"])
+    protected = {"the adapter": adapter}
+    if source.kind != "hub":
+        protected["the base model"] = Path(source.location)
+    _check_output(output, protected, overwrite)
+
+    load = LOADERS[manifest["task"]]
+    texts, origin = check_texts(manifest)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    batch = _tokenize(tokenizer, texts, manifest["config"]["max_length"])
+    if dtype != "float32":  # base + adapter run in the export's dtype, the reference for the export's own figure
+        same_dtype = _logits(load(adapter, source, force).model.to(DTYPES[dtype]), batch)
+
+    loaded = load(adapter, source, force)
+    reference = _logits(loaded.model, batch)
+    merged = loaded.model.merge_and_unload(safe_merge=True)
+    difference = _max_diff(reference, _logits(merged, batch))
+    if difference > tolerance:
+        raise UserError(
+            f"{adapter}: the merged model's logits differ from base + adapter by up to {difference:.3g} "
+            f"(tolerance {tolerance:g}); nothing was written"
+        )
+    check: dict[str, Any] = {
+        "inputs": origin,
+        "examples": len(texts),
+        "tolerance": tolerance,
+        "max_abs_logit_diff_float32": difference,
+    }
+    if dtype != "float32":
+        merged = merged.to(DTYPES[dtype])
+        exported = _logits(merged, batch)
+        check["max_abs_logit_diff"] = _max_diff(same_dtype, exported)  # against base + adapter in `dtype`
+        check["max_abs_logit_diff_vs_float32"] = _max_diff(reference, exported)
+    else:
+        check["max_abs_logit_diff"] = difference
+
+    section = {
+        "created": adapters.now_iso(),
+        "adapter": str(adapter.resolve()),
+        "adapter_weights_sha256": data.sha256_file(adapter / "adapter_model.safetensors"),
+        "base": loaded.base,
+        "base_mismatches_forced": loaded.base_mismatches,
+        # A QLoRA adapter (trained against a quantized base) is merged into the full-precision weights too.
+        "merged_into": "the full-precision (float32) base",
+        "adapter_trained_with_quantization": manifest["config"].get("quantize"),
+        "dtype": dtype,
+        "check": check,
+        "versions": adapters.library_versions(),
+    }
+    exported_manifest = {**manifest, "merge": section}
+    with adapters.staged(output, overwrite) as tmp:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        adapters.write_manifest(tmp, exported_manifest)
+    return MergeResult(output, exported_manifest)
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> BatchEncoding:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    length = min(max_length, CHECK_MAX_TOKENS)
+    return tokenizer(texts, truncation=True, max_length=length, padding=True, return_tensors="pt")
