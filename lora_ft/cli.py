@@ -38,6 +38,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
 
 
+def _add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="use a base that differs from the adapter's")
+
+
 # Flags that only one task's training command has.
 SPAM_FLAGS: list[tuple[str, type, str]] = []
 INSTRUCT_FLAGS: list[tuple[str, type, str]] = [
@@ -60,6 +64,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, with --temperature")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    _add_force(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,10 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="texts to classify")
     predict.add_argument("--file", help="a file with one text per line ('-' for standard input)")
     predict.add_argument("--json", action="store_true", help='one {"text", "label", "score"} object per line')
+    _add_force(predict)
 
     evaluate = commands.add_parser("eval", help="recompute an adapter's test metrics from its manifest")
     evaluate.add_argument("adapter", help="adapter folder")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_force(evaluate)
 
     merge = commands.add_parser("merge", help="fold an adapter into its base and write a standalone model")
     merge.add_argument("adapter", help="adapter folder")
@@ -106,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights dtype")
     merge.add_argument("--base", help="base model to merge into (default: the one the adapter names)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    merge.add_argument("--force", action="store_true", help="merge even into a base the adapter was not trained on")
+    _add_force(merge)
     merge.add_argument(
         "--tolerance", type=float, default=1e-4, help="largest logit difference allowed against base + adapter"
     )
@@ -179,7 +186,7 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 def run_predict(args: argparse.Namespace) -> int:
     from . import spam
 
-    for p in spam.predict(args.adapter, _read_texts(args)):
+    for p in spam.predict(args.adapter, _read_texts(args), force=args.force):
         if args.json:
             print(json.dumps({"text": p.text, "label": p.label, "score": round(p.score, 6)}, ensure_ascii=False))
         else:
@@ -190,7 +197,7 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from . import spam
 
-    metrics, manifest = spam.evaluate(args.adapter)
+    metrics, manifest = spam.evaluate(args.adapter, args.force)
     recorded = manifest["metrics"]["test"]
     same = all(metrics[k] == recorded.get(k) for k in (*METRIC_COLUMNS, "confusion_matrix"))
     if args.json:
@@ -267,7 +274,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from . import instruct
 
     requests = _read_requests(args)
-    answers = instruct.respond(args.adapter, requests, seed=args.seed, **_sampling(args))
+    answers = instruct.respond(args.adapter, requests, seed=args.seed, force=args.force, **_sampling(args))
     for request, answer in zip(requests, answers, strict=True):
         if args.json:
             record = {**request, "response": answer.response, "stopped_at_eos": answer.stopped_at_eos}
@@ -285,7 +292,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from . import data, instruct
 
     sampling = _sampling(args)
-    loaded = instruct.load(args.adapter)
+    loaded = instruct.load(args.adapter, force=args.force)
     set_seed(args.seed)
     limit = sampling.pop("max_new_tokens") or loaded.manifest["generation"]["max_new_tokens"]
     interactive = sys.stdin.isatty()

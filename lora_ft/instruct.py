@@ -282,11 +282,12 @@ def respond(
     top_p: float = 1.0,
     batch_size: int | None = None,
     seed: int = 0,
+    force: bool = False,
 ) -> list[Generation]:
     """Answers from a trained adapter. Each request has `instruction` (and optional `input`), put in the
     training template, or a ready `prompt`. Defaults (length, batch size) come from the adapter's manifest, so
     that greedy answers to its test examples reproduce test_responses.json."""
-    loaded = load(adapter)
+    loaded = load(adapter, force=force)
     manifest = loaded.manifest
     set_seed(seed)  # sampling only; greedy answers do not depend on it
     prompts = [

@@ -20,6 +20,7 @@ TOLERANCE = 1e-4  # max abs logit difference allowed between the float32 merge a
 LOADERS: dict[str, Callable[..., adapters.Loaded]] = {"spam": spam.load, "instruct": instruct.load}
 CHECK_EXAMPLES = 8
 CHECK_MAX_TOKENS = 128
+CHECK_FLOAT64_MAX_PARAMETERS = 1_000_000_000  # above, the float64 copy for the check would need > 8 GB
 # Used when the adapter's own data file is gone or changed.
 BUILT_IN_TEXTS = [
     "WINNER!! You have been selected to receive a £900 prize reward! Call now to claim.",
@@ -54,10 +55,16 @@ def check_texts(manifest: dict[str, Any], count: int = CHECK_EXAMPLES) -> tuple[
     return texts, f"the first {len(texts)} test examples of {recorded}"
 
 
-def _logits(model: torch.nn.Module, batch: BatchEncoding) -> torch.Tensor:
-    """Logits as float32; for a causal LM only at real (not padding) positions."""
-    with torch.no_grad():
-        logits = model(**batch).logits.float()
+def _logits(model: torch.nn.Module, batch: BatchEncoding, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits as float64, the model run in `dtype` (default: its own) and cast back after, which is lossless from
+    a narrower dtype. For a causal LM, only at real (not padding) positions."""
+    own = next(model.parameters()).dtype
+    model.to(dtype or own)
+    try:
+        with torch.no_grad():
+            logits = model(**batch).logits.double()
+    finally:
+        model.to(own)
     return logits[batch["attention_mask"].bool()] if logits.dim() == 3 else logits
 
 
@@ -104,12 +111,16 @@ def merge(
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     batch = _tokenize(tokenizer, texts, manifest["config"]["max_length"])
     if dtype != "float32":  # base + adapter run in the export's dtype, the reference for the export's own figure
-        same_dtype = _logits(load(adapter, source, force).model.to(DTYPES[dtype]), batch)
+        same_dtype = _logits(load(adapter, source, force).model, batch, DTYPES[dtype])
 
     loaded = load(adapter, source, force)
-    reference = _logits(loaded.model, batch)
+    # Float32 arithmetic alone differs by up to ~1e-4 on a pretrained 135M model (batched vs one at a time, 3e-5);
+    # run in float64, the comparison measures the merge, not that noise. Very large models stay in float32.
+    size = sum(p.numel() for p in loaded.model.parameters())
+    arithmetic = torch.float64 if size <= CHECK_FLOAT64_MAX_PARAMETERS else torch.float32
+    reference, reference_float32 = _logits(loaded.model, batch, arithmetic), _logits(loaded.model, batch)
     merged = loaded.model.merge_and_unload(safe_merge=True)
-    difference = _max_diff(reference, _logits(merged, batch))
+    difference = _max_diff(reference, _logits(merged, batch, arithmetic))
     if difference > tolerance:
         raise UserError(
             f"{adapter}: the merged model's logits differ from base + adapter by up to {difference:.3g} "
@@ -119,7 +130,9 @@ def merge(
         "inputs": origin,
         "examples": len(texts),
         "tolerance": tolerance,
-        "max_abs_logit_diff_float32": difference,
+        "arithmetic": str(arithmetic).removeprefix("torch."),
+        "max_abs_logit_diff_float32": difference,  # what the tolerance applies to
+        "max_abs_logit_diff_float32_run_in_float32": _max_diff(reference_float32, _logits(merged, batch)),
     }
     if dtype != "float32":
         merged = merged.to(DTYPES[dtype])

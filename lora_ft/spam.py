@@ -191,8 +191,8 @@ def load(adapter: str | Path, base: models.ModelSource | None = None, force: boo
     return adapters.load_with_base(adapter, "spam", load_base, base, force)
 
 
-def predict(adapter: str | Path, texts: list[str], batch_size: int = 32) -> list[Prediction]:
-    loaded = load(adapter)
+def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Prediction]:
+    loaded = load(adapter, force=force)
     model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
     names = _label_names(manifest)
     encoded = tokenize(Dataset.from_dict({"text": texts}), tokenizer, manifest["config"]["max_length"])
@@ -204,7 +204,7 @@ def predict(adapter: str | Path, texts: list[str], batch_size: int = 32) -> list
     ]
 
 
-def evaluate(adapter: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate(adapter: str | Path, force: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rebuild the adapter's test split from its manifest and recompute the test metrics.
     Returns (recomputed test metrics, manifest)."""
     manifest = adapters.read_manifest(adapter)
@@ -215,7 +215,7 @@ def evaluate(adapter: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     sizes = {split: len(splits[split]) for split in data.SPLITS}
     if sizes != manifest["data"]["split_sizes"]:
         raise UserError(f"{adapter}: rebuilt split sizes {sizes} differ from the manifest's")
-    loaded = load(adapter)
+    loaded = load(adapter, force=force)
     names = splits["test"].features["label"].names
     test = tokenize(splits["test"], loaded.tokenizer, config.max_length)
     logits = predict_logits(loaded.model, loaded.tokenizer, test, config.eval_batch_size)

@@ -77,7 +77,8 @@ def test_spam_export_folder_and_manifest(spam_export, spam_run, tiny_gpt2: Path)
     assert section["base"]["weights_sha256"] == result.manifest["base"]["weights_sha256"]
     check = section["check"]
     assert check["examples"] == 8 and "SMSSpamCollection" in check["inputs"]
-    assert 0 <= check["max_abs_logit_diff_float32"] <= 1e-4
+    assert 0 <= check["max_abs_logit_diff_float32"] <= 1e-4 and check["arithmetic"] == "float64"
+    assert 0 <= check["max_abs_logit_diff_float32_run_in_float32"] <= 1e-4
     # Neither the adapter nor the base was touched.
     assert (tree_sha256(result.adapter_dir), tree_sha256(tiny_gpt2)) == (adapter_before, base_before)
     assert not list(exported.output.parent.glob(".*"))
@@ -284,3 +285,16 @@ def test_inspect_shows_the_manifest(spam_run, capsys):
 def test_inspect_refuses_a_folder_without_a_manifest(tiny_gpt2: Path, capsys):
     assert main("inspect", tiny_gpt2) == 2
     assert f"{tiny_gpt2}: not a lora_ft adapter folder (no lora_ft.json)" in capsys.readouterr().err
+
+
+def test_predict_refuses_a_changed_base_unless_forced(spam_run, tmp_path: Path, capsys):
+    """The manifest records the base's weights hash; an adapter whose base has changed since is refused."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(spam_run[0].adapter_dir, adapter)
+    manifest = json.loads((adapter / "lora_ft.json").read_text())
+    manifest["base"]["weights_sha256"] = "0" * 64
+    (adapter / "lora_ft.json").write_text(json.dumps(manifest))
+    assert main("predict", adapter, "see you at 5") == 2
+    assert "weights sha256" in capsys.readouterr().err
+    assert main("predict", adapter, "see you at 5", "--force") == 0
+    assert capsys.readouterr().out.split("\t")[0] in {"ham", "spam"}
