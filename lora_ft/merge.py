@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
 from . import adapters, data, instruct, models, spam
-from .config import RunConfig
+from .config import recorded_config
 from .errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,7 +44,7 @@ def check_texts(manifest: dict[str, Any], count: int = CHECK_EXAMPLES) -> tuple[
     recorded = Path(manifest["data"]["path"])
     if not recorded.is_file() or data.sha256_file(recorded) != manifest["data"]["sha256"]:
         return BUILT_IN_TEXTS, f"{len(BUILT_IN_TEXTS)} built-in texts ({recorded} is not there as it was)"
-    config = RunConfig(**{**manifest["config"], "data": str(recorded)})
+    config = recorded_config(manifest)
     fractions = tuple(manifest["data"]["fractions"])
     if manifest["task"] == "spam":
         test = spam.load_splits(config, fractions)[1]["test"]
