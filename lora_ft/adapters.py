@@ -79,6 +79,14 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
+def write_json_atomically(path: Path, value: Any) -> None:
+    """`value` as JSON at `path`, written beside it first and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_manifest(folder: str | Path, adapter: bool = True) -> dict[str, Any]:
     """The folder's manifest. With `adapter`, the folder must also hold PEFT's adapter (not a merged export)."""
     folder = Path(folder)
@@ -98,6 +106,14 @@ def read_manifest(folder: str | Path, adapter: bool = True) -> dict[str, Any]:
             raise UserError(f"{folder}: a merged export, not an adapter (load it with transformers directly)")
         raise UserError(f"{folder}: adapter_config.json is missing")
     return manifest
+
+
+def recorded_quantization(manifest: dict[str, Any], full_precision: bool = False) -> tuple[str | None, str]:
+    """(quantize, precision) the adapter was trained with, to load its base the same way; (None, "fp32") with
+    `full_precision` or for adapters from before QLoRA."""
+    if full_precision:
+        return None, "fp32"
+    return manifest["config"].get("quantize"), manifest.get("training", {}).get("precision", "fp32")
 
 
 @dataclass

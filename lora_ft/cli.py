@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .config import PRECISIONS, QUANTIZE
 from .errors import UserError
 
 # CLI flag -> RunConfig key, for the flags every training command shares.
@@ -55,6 +56,14 @@ def _add_train_flags(parser: argparse.ArgumentParser, task_flags: list[tuple[str
     for flag, kind, text in TRAIN_FLAGS + task_flags:
         parser.add_argument(flag, type=kind, help=text)
     parser.add_argument("--target-modules", nargs="+", help="module names to adapt (default: per architecture)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="auto (default): bf16 autocast where the hardware runs bf16 natively, fp16 on older GPUs, else fp32",
+    )
+    parser.add_argument(
+        "--quantize", choices=QUANTIZE, help="QLoRA: hold the base in 4-bit NF4 or 8-bit (bitsandbytes)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
 
 
@@ -128,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter", help="adapter or merged-export folder")
     inspect.add_argument("--json", action="store_true", help="the manifest as it is stored")
 
+    bench = commands.add_parser("bench", help="measure training speed and memory: lora_ft vs naive vs full FT")
+    bench.add_argument("--quick", action="store_true", help="time a few steps per setup, extrapolate each epoch")
+    bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer: Hub id or folder (default: gpt2)")
+    bench.add_argument("--data", help="SMS spam file (default: $LORA_FT_DATA_DIR, then the cache, then download)")
+    bench.add_argument("--seed", type=int, default=123, help="seed for the split, the weights and the order")
+
     for sub in commands.choices.values():
         _add_common(sub)
     return parser
@@ -135,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     flags = TRAIN_FLAGS + (SPAM_FLAGS if args.command == "spam" else INSTRUCT_FLAGS)
-    keys = [flag[2:].replace("-", "_") for flag, _, _ in flags] + ["target_modules", "balance"]
+    keys = [flag[2:].replace("-", "_") for flag, _, _ in flags] + ["target_modules", "precision", "quantize", "balance"]
     return {key: getattr(args, key) for key in keys if hasattr(args, key)}
 
 
@@ -410,6 +426,43 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_table(report: dict[str, Any]) -> str:
+    columns = ("s/epoch", "real tok/s", "GFLOP/s", "peak RSS", "steps timed")
+    lines = [f"{'setup':<9}" + "".join(f"{c:>13}" for c in columns) + "  what"]
+    for name, r in report["setups"].items():
+        timed = f"{r['steps_timed']}{'' if r['epoch_measured_whole'] else '*'}"
+        values = (
+            f"{r['seconds_per_epoch']:.1f}",
+            f"{r['real_tokens_per_second']:.0f}",
+            f"{r['gflops_per_second']:.1f}",
+            _size(r["peak_rss_bytes"]),
+            timed,
+        )
+        row = "".join(f"{v:>13}" for v in values)
+        lines.append(f"{name:<9}{row}  {r['description']} ({r['precision_run']})")
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from . import adapters, bench
+
+    machine = bench.machine()
+    where = machine.get("gpu") or machine["cpu"]
+    print(f"machine: {where}, {machine['cpu_threads']} threads, torch {machine['torch']}")
+    report = bench.run(args.quick, args.tokenizer, args.data, args.seed, None if args.debug else _quiet_libraries)
+    print(_bench_table(report))
+    if args.quick:
+        print("* seconds per epoch extrapolated from the timed steps (fit of seconds against tokens per step)")
+    print(
+        f"speedup vs naive: {report['speedup_vs_naive']:.2f}x; "
+        f"peak RSS LoRA / full fine-tuning: {report['peak_rss_ratio_lora_vs_full']:.2f}"
+    )
+    if args.json:
+        adapters.write_json_atomically(Path(args.json), report)
+        print(f"figures: {args.json}")
+    return 0
+
+
 COMMANDS = {
     "spam": run_spam,
     "predict": run_predict,
@@ -420,6 +473,7 @@ COMMANDS = {
     "merge": run_merge,
     "adapters": run_adapters,
     "inspect": run_inspect,
+    "bench": run_bench,
 }
 # Commands that only read JSON: they skip importing the ML libraries (seconds of startup).
 LIGHT_COMMANDS = {"adapters", "inspect"}

@@ -15,6 +15,8 @@ from .errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TASKS = ("spam", "instruct")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+QUANTIZE = ("4bit", "8bit")
 # Keys that only one task reads; a recipe for the other task may not set them.
 TASK_ONLY = {"balance": "spam", "max_new_tokens": "instruct", "test_limit": "instruct"}
 # Where a task's defaults differ from RunConfig's (which are spam's). recipes/<task>.yaml restates them.
@@ -47,6 +49,8 @@ class RunConfig:
     balance: bool = True
     max_new_tokens: int = 256
     test_limit: int | None = None
+    precision: str = "auto"
+    quantize: str | None = None
     seed: int = 123
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,6 +74,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "max_new_tokens": (lambda v: v > 0, "must be > 0"),
     "test_limit": (lambda v: v is None or v > 0, "must be > 0"),
     "task": (lambda v: v in TASKS, f"must be one of {', '.join(TASKS)}"),
+    "precision": (lambda v: v in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+    "quantize": (lambda v: v is None or v in QUANTIZE, f"must be null or one of {', '.join(QUANTIZE)}"),
 }
 
 

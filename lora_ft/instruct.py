@@ -8,6 +8,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,10 @@ def _within_length(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
     return split.select(keep), len(split) - len(keep)
 
 
+class InstructTrainer(training.CountsTokens, SFTTrainer):
+    pass
+
+
 def build_trainer(
     config: RunConfig,
     base: PreTrainedModel,
@@ -71,6 +76,7 @@ def build_trainer(
     train: Dataset,
     val: Dataset,
     output_dir: Path,
+    precision: str,
 ) -> SFTTrainer:
     """SFTTrainer on prompt-completion data: LoRA attached from `peft_config`, loss on completion tokens only."""
     args = training.training_args(
@@ -78,15 +84,15 @@ def build_trainer(
         output_dir,
         len(train),
         "loss",
+        precision,
         SFTConfig,
         max_length=config.max_length,
         completion_only_loss=True,
         packing=False,
         activation_checkpointing=False,  # TRL turns it on by default; LoRA on small models needs no saving
-        bf16=False,  # SFTConfig's default; lora_ft trains in float32 unless told otherwise
     )
     lora = models.lora_config(base, TaskType.CAUSAL_LM, config)
-    return SFTTrainer(
+    return InstructTrainer(
         model=base, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer, peft_config=lora
     )
 
@@ -200,6 +206,7 @@ def response_records(test: Dataset, generations: list[Generation]) -> list[dict[
 def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
     """Instruction-tune with LoRA and write the adapter folder; returns the folder, manifest and trained model."""
     source = models.resolve_model(config.model)
+    precision = training.resolve_precision(config.precision)
     output = Path(config.output) if config.output else adapters.default_output("instruct", source.short_name)
     adapters.check_output_free(output, overwrite)
     data_path, splits = load_splits(config)
@@ -207,7 +214,7 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
 
     set_seed(config.seed)  # the LoRA matrices are initialised from this
     tokenizer = models.load_tokenizer(source)
-    base = models.load_causal_base(source, tokenizer)
+    base = models.load_causal_base(source, tokenizer, config.quantize, precision)
     base_info = models.describe_base(source, base)
     train_pairs, dropped_train = _within_length(
         prompt_completion(splits["train"], tokenizer.eos_token), tokenizer, config.max_length
@@ -220,12 +227,11 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
         raise UserError(f"{data_path}: no {split} example fits in --max-length {config.max_length} tokens")
 
     with adapters.staged(output, overwrite) as tmp:
-        trainer = build_trainer(config, base, tokenizer, train_pairs, val_pairs, tmp / "checkpoints")
-        model: PeftModel = trainer.model
+        trainer = build_trainer(config, base, tokenizer, train_pairs, val_pairs, tmp / "checkpoints", precision)
         started = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - started
-        model.eval()
+        model: PeftModel = training.trained_model(trainer)
         metrics: dict[str, Any] = {"val": response_loss(model, tokenizer, val_pairs, config.eval_batch_size)}
         metrics["test"], generations = score_responses(model, tokenizer, test, config)
         with model.disable_adapter():
@@ -257,7 +263,7 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
                 "stops_at": tokenizer.eos_token,
             },
             "metrics": metrics,
-            "training": training.training_section(trainer, train_seconds),
+            "training": training.training_section(trainer, train_seconds, precision),
             "versions": adapters.library_versions(),
         }
         adapters.write_manifest(tmp, manifest)
@@ -265,13 +271,19 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
     return training.TrainResult(output, manifest, model)
 
 
-def load_base(source: models.ModelSource, tokenizer: PreTrainedTokenizerBase, _: dict[str, Any]) -> PreTrainedModel:
-    return models.load_causal_base(source, tokenizer)
+def load_base(
+    source: models.ModelSource, tokenizer: PreTrainedTokenizerBase, manifest: dict[str, Any], full_precision: bool
+) -> PreTrainedModel:
+    """The causal LM an adapter goes on, quantised as in training unless `full_precision`."""
+    return models.load_causal_base(source, tokenizer, *adapters.recorded_quantization(manifest, full_precision))
 
 
-def load(adapter: str | Path, base: models.ModelSource | None = None, force: bool = False) -> adapters.Loaded:
-    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer."""
-    return adapters.load_with_base(adapter, "instruct", load_base, base, force)
+def load(
+    adapter: str | Path, base: models.ModelSource | None = None, force: bool = False, full_precision: bool = False
+) -> adapters.Loaded:
+    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
+    adapter goes on its base quantised as in training, or in float32 with `full_precision`."""
+    return adapters.load_with_base(adapter, "instruct", partial(load_base, full_precision=full_precision), base, force)
 
 
 def respond(

@@ -111,9 +111,12 @@ def merge(
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     batch = _tokenize(tokenizer, texts, manifest["config"]["max_length"])
     if dtype != "float32":  # base + adapter run in the export's dtype, the reference for the export's own figure
-        same_dtype = _logits(load(adapter, source, force).model, batch, DTYPES[dtype])
+        same_dtype = _logits(load(adapter, source, force, full_precision=True).model, batch, DTYPES[dtype])
+    quantized = manifest["config"].get("quantize")
+    if quantized:  # what the adapter was trained and evaluated on, to say how far the full-precision merge moves
+        as_trained = _logits(load(adapter, source, force).model, batch)
 
-    loaded = load(adapter, source, force)
+    loaded = load(adapter, source, force, full_precision=True)
     # Float32 arithmetic alone differs by up to ~1e-4 on a pretrained 135M model (batched vs one at a time, 3e-5);
     # run in float64, the comparison measures the merge, not that noise. Very large models stay in float32.
     size = sum(p.numel() for p in loaded.model.parameters())
@@ -141,6 +144,8 @@ def merge(
         check["max_abs_logit_diff_vs_float32"] = _max_diff(reference, exported)
     else:
         check["max_abs_logit_diff"] = difference
+    if quantized:
+        check[f"max_abs_logit_diff_vs_{quantized}_base"] = _max_diff(as_trained, _logits(merged, batch))
 
     section = {
         "created": adapters.now_iso(),
@@ -150,7 +155,7 @@ def merge(
         "base_mismatches_forced": loaded.base_mismatches,
         # A QLoRA adapter (trained against a quantized base) is merged into the full-precision weights too.
         "merged_into": "the full-precision (float32) base",
-        "adapter_trained_with_quantization": manifest["config"].get("quantize"),
+        "adapter_trained_with_quantization": quantized,
         "dtype": dtype,
         "check": check,
         "versions": adapters.library_versions(),

@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     GgufConfig,
     GPT2TokenizerFast,
     PreTrainedModel,
@@ -135,30 +136,69 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype matmuls run in at a resolved precision (fp32, bf16 or fp16)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def quantization_config(quantize: str | None, precision: str) -> BitsAndBytesConfig | None:
+    """QLoRA's base: NF4 with double quantisation (4bit) or LLM.int8 (8bit), computing in `precision`'s dtype.
+    The heads stay in full precision: `score` is trained, `lm_head` is tied to the input embeddings."""
+    if quantize is None:
+        return None
+    skip = sorted(HEAD_NAMES)
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(precision),
+        llm_int8_skip_modules=skip,
+    )
+
+
 def load_classifier_base(
-    source: ModelSource, tokenizer: PreTrainedTokenizerBase, label_names: list[str]
+    source: ModelSource,
+    tokenizer: PreTrainedTokenizerBase,
+    label_names: list[str],
+    quantize: str | None = None,
+    precision: str = "fp32",
 ) -> PreTrainedModel:
-    """A sequence classifier with a new `score` head; `pad_token_id` set so it pools the last real token."""
+    """A sequence classifier with a new `score` head; `pad_token_id` set so it pools the last real token.
+    With `quantize`, the base is held in 4 or 8 bits (QLoRA)."""
     return _load_base(
         AutoModelForSequenceClassification,
         source,
         tokenizer,
+        quantization_config(quantize, precision),
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
     )
 
 
-def load_causal_base(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A causal LM whose generation pads with the tokenizer's pad token and stops at its EOS."""
-    model = _load_base(AutoModelForCausalLM, source, tokenizer)
+def load_causal_base(
+    source: ModelSource, tokenizer: PreTrainedTokenizerBase, quantize: str | None = None, precision: str = "fp32"
+) -> PreTrainedModel:
+    """A causal LM whose generation pads with the tokenizer's pad token and stops at its EOS; with `quantize`,
+    held in 4 or 8 bits (QLoRA)."""
+    model = _load_base(AutoModelForCausalLM, source, tokenizer, quantization_config(quantize, precision))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
 def _load_base(
-    auto_class: Any, source: ModelSource, tokenizer: PreTrainedTokenizerBase, **kwargs: Any
+    auto_class: Any,
+    source: ModelSource,
+    tokenizer: PreTrainedTokenizerBase,
+    quantization: BitsAndBytesConfig | None = None,
+    **kwargs: Any,
 ) -> PreTrainedModel:
+    if quantization is not None:
+        if source.kind == "gguf":
+            raise UserError(f"--quantize: {source.spec} is a GGUF checkpoint; quantise a safetensors checkpoint")
+        kwargs.update(quantization_config=quantization, device_map=_quantized_device_map())
     model = _from_hub(
         auto_class.from_pretrained,
         source,
@@ -169,6 +209,15 @@ def _load_base(
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     return _as_plain_weights(model, source)
+
+
+def _quantized_device_map() -> dict[str, Any] | None:
+    """bitsandbytes quantises weights as they are placed: on this process's GPU, or on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import PartialState
+
+    return {"": PartialState().device}
 
 
 def _as_plain_weights(model: PreTrainedModel, source: ModelSource) -> PreTrainedModel:

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,7 @@ def _length_order(dataset: Dataset) -> np.ndarray:
 def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
     """Train a LoRA classifier and write its adapter folder; returns the folder, manifest and trained model."""
     source = models.resolve_model(config.model)
+    precision = training.resolve_precision(config.precision)
     output = Path(config.output) if config.output else adapters.default_output("spam", source.short_name)
     adapters.check_output_free(output, overwrite)
     data_path, splits = load_splits(config)
@@ -116,16 +118,17 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
 
     set_seed(config.seed)  # the new head and the LoRA matrices are initialised from this
     tokenizer = models.load_tokenizer(source)
-    base = models.load_classifier_base(source, tokenizer, names)
+    base = models.load_classifier_base(source, tokenizer, names, config.quantize, precision)
     base_info = models.describe_base(source, base)
     lora = models.lora_config(base, TaskType.SEQ_CLS, config)
     model = get_peft_model(base, lora)
     encoded = tokenize(splits, tokenizer, config.max_length)
 
     with adapters.staged(output, overwrite) as tmp:
-        trainer = Trainer(
+        args = training.training_args(config, tmp / "checkpoints", len(encoded["train"]), "accuracy", precision)
+        trainer = training.CountingTrainer(
             model=model,
-            args=training.training_args(config, tmp / "checkpoints", len(encoded["train"]), "accuracy"),
+            args=args,
             train_dataset=encoded["train"],
             eval_dataset=encoded["val"].select(_length_order(encoded["val"])),  # less padding, same metrics
             data_collator=DataCollatorWithPadding(tokenizer),
@@ -135,7 +138,7 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
         started = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - started
-        model.eval()
+        model = training.trained_model(trainer)
         metrics = {
             split: classification_metrics(
                 np.array(encoded[split]["label"]),
@@ -166,7 +169,7 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
             },
             "labels": {name: i for i, name in enumerate(names)},
             "metrics": metrics,
-            "training": training.training_section(trainer, train_seconds),
+            "training": training.training_section(trainer, train_seconds, precision),
             "versions": adapters.library_versions(),
         }
         adapters.write_manifest(tmp, manifest)
@@ -181,14 +184,21 @@ def _label_names(manifest: dict[str, Any]) -> list[str]:
     return sorted(manifest["labels"], key=manifest["labels"].get)
 
 
-def load_base(source: models.ModelSource, tokenizer: PreTrainedTokenizerBase, manifest: dict[str, Any]) -> Any:
-    """The classifier base an adapter goes on: its label names from the manifest, a new (untrained) head."""
-    return models.load_classifier_base(source, tokenizer, _label_names(manifest))
+def load_base(
+    source: models.ModelSource, tokenizer: PreTrainedTokenizerBase, manifest: dict[str, Any], full_precision: bool
+) -> Any:
+    """The classifier base an adapter goes on: its label names from the manifest, a new (untrained) head, quantised
+    as in training unless `full_precision`."""
+    quantize, precision = adapters.recorded_quantization(manifest, full_precision)
+    return models.load_classifier_base(source, tokenizer, _label_names(manifest), quantize, precision)
 
 
-def load(adapter: str | Path, base: models.ModelSource | None = None, force: bool = False) -> adapters.Loaded:
-    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer."""
-    return adapters.load_with_base(adapter, "spam", load_base, base, force)
+def load(
+    adapter: str | Path, base: models.ModelSource | None = None, force: bool = False, full_precision: bool = False
+) -> adapters.Loaded:
+    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
+    adapter goes on its base quantised as in training, or in float32 with `full_precision`."""
+    return adapters.load_with_base(adapter, "spam", partial(load_base, full_precision=full_precision), base, force)
 
 
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Prediction]:

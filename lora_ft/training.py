@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainingArguments
 
 from .config import RunConfig
+from .errors import UserError
 
 
 @dataclass
@@ -23,19 +24,61 @@ class TrainResult:
     model: PeftModel
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX-512-BF16 or AMX: bf16 matmuls run natively. Elsewhere bf16 on the CPU is emulated and slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(requested: str) -> str:
+    """What `--precision` means on this machine: auto is bf16 autocast where the hardware runs bf16 natively,
+    fp16 (with loss scaling) on CUDA GPUs without bf16, and fp32 otherwise."""
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        if requested == "bf16" and not bf16:
+            raise UserError(f"--precision bf16: {torch.cuda.get_device_name()} has no bf16; use fp16 or fp32")
+        return ("bf16" if bf16 else "fp16") if requested == "auto" else requested
+    if requested == "fp16":
+        raise UserError("--precision fp16 needs a CUDA GPU (loss scaling); on the CPU use bf16 or fp32")
+    if requested == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return requested
+
+
+def batch_tokens(batch: dict[str, Any]) -> tuple[int, int]:
+    """(real, with padding) tokens of a collated batch."""
+    ids = batch["input_ids"]
+    return (int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()), ids.numel()
+
+
+class CountsTokens:
+    """A Trainer mixin that records the tokens of every training batch, real (attention mask) and with padding,
+    to show what dynamic padding and length grouping save."""
+
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        self.__dict__.setdefault("batch_tokens", []).append(batch_tokens(inputs))
+        return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
+
+
+class CountingTrainer(CountsTokens, Trainer):
+    pass
+
+
 def training_args(
     config: RunConfig,
     output_dir: Path,
     train_rows: int,
     best_metric: str,
+    precision: str,
     args_class: type[TrainingArguments] = TrainingArguments,
     **extra: Any,
 ) -> TrainingArguments:
-    """Evaluate on val every epoch and keep the best epoch by `best_metric`, length-grouped batches, seeded."""
+    """Evaluate on val every epoch and keep the best epoch by `best_metric`, length-grouped batches, seeded,
+    mixed precision as resolved (`resolve_precision`)."""
     steps_per_epoch = math.ceil(train_rows / config.batch_size)
     # With --max-steps, evaluate (and keep the best) every epoch or at the last step, whichever comes first.
     period = min(steps_per_epoch, config.max_steps) if config.max_steps else None
-    return args_class(
+    arguments: dict[str, Any] = dict(
         output_dir=str(output_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
@@ -59,8 +102,17 @@ def training_args(
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        **extra,
+        use_cpu=not torch.cuda.is_available(),  # CUDA or the CPU (Trainer wants this said for bf16 on the CPU)
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
     )
+    return args_class(**arguments | extra)
+
+
+def trained_model(trainer: Trainer) -> Any:
+    """The trained model in eval mode, without the mixed-precision wrapper accelerate put around its forward: what
+    is measured after training then runs as the saved adapter will when loaded (float32 unless quantised)."""
+    return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
 
 
 def lora_section(model: PeftModel, lora: LoraConfig) -> dict[str, Any]:
@@ -74,8 +126,10 @@ def lora_section(model: PeftModel, lora: LoraConfig) -> dict[str, Any]:
     }
 
 
-def training_section(trainer: Trainer, seconds: float) -> dict[str, Any]:
+def training_section(trainer: Trainer, seconds: float, precision: str) -> dict[str, Any]:
     state = trainer.state
+    counted = getattr(trainer, "batch_tokens", [])
+    real, total = sum(r for r, _ in counted), sum(t for _, t in counted)
     return {
         "seconds": round(seconds, 2),
         "steps": state.global_step,
@@ -83,6 +137,8 @@ def training_section(trainer: Trainer, seconds: float) -> dict[str, Any]:
         "best_step": int(state.best_model_checkpoint.rsplit("-", 1)[-1]) if state.best_model_checkpoint else None,
         f"best_val_{trainer.args.metric_for_best_model.removeprefix('eval_')}": state.best_metric,
         "device": str(trainer.args.device),
-        "precision": "fp32",
+        "precision": precision,
+        "tokens": {"real": real, "with_padding": total, "real_share": round(real / total, 4) if total else None},
+        "tokens_per_second": round(real / seconds, 1) if seconds else None,
         "log_history": state.log_history,
     }

@@ -60,7 +60,7 @@ def test_labels_mask_exactly_the_prompt(tiny_gpt2: Path, tmp_path: Path):
     _, splits = instruct.load_splits(config)
     train = instruct.prompt_completion(splits["train"].select(range(4)), tokenizer.eos_token)
     trainer = instruct.build_trainer(
-        config, models.load_causal_base(source, tokenizer), tokenizer, train, train, tmp_path
+        config, models.load_causal_base(source, tokenizer), tokenizer, train, train, tmp_path, "fp32"
     )
     rows = trainer.train_dataset
     for row, prompt, output in zip(rows, train["prompt"], splits["train"]["output"][:4], strict=True):

@@ -1,0 +1,257 @@
+"""Benchmark of spam LoRA training on the GPT-2-124M architecture (random weights, the real GPT-2 tokenizer, the
+real SMS training split): lora_ft's default path against a naive baseline (fp32, every input padded to 120
+tokens, no length grouping) and against full fine-tuning. Each setup runs in its own process, so that its peak
+memory is its own."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import platform
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from . import models
+from .errors import UserError
+
+NAIVE_LENGTH = 120  # the course pads every message to the longest training message, 120 tokens
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    description: str
+    lora: bool
+    precision: str  # as --precision takes it
+    pad_to: int | None  # None: dynamic padding (to the longest in the batch)
+    group_by_length: bool
+    warmup_steps: int
+    timed_steps: int | None  # None: the rest of one whole epoch
+
+
+def setups(quick: bool) -> list[Setup]:
+    """(a) lora_ft's defaults, (b) the naive baseline, (c) full fine-tuning on the default path (for memory)."""
+    lora_ft = Setup(
+        name="lora_ft",
+        description="LoRA, precision auto, dynamic padding, length-grouped",
+        lora=True,
+        precision="auto",
+        pad_to=None,
+        group_by_length=True,
+        warmup_steps=3,
+        timed_steps=20 if quick else None,
+    )
+    naive = replace(
+        lora_ft,
+        name="naive",
+        description=f"LoRA, fp32, every input padded to {NAIVE_LENGTH}, random order",
+        precision="fp32",
+        pad_to=NAIVE_LENGTH,
+        group_by_length=False,
+        warmup_steps=2,
+        timed_steps=6 if quick else None,
+    )
+    full = replace(
+        lora_ft,
+        name="full",
+        description="full fine-tuning, otherwise as lora_ft",
+        lora=False,
+        warmup_steps=2,
+        timed_steps=6 if quick else 12,
+    )
+    return [lora_ft, naive, full]
+
+
+class StepTimer(TrainerCallback):
+    """Records when each optimiser step ends (data loading, forward, backward, update)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.start = 0.0
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        return np.diff([self.start, *self.ends]).tolist()
+
+
+def flops_per_token(model: torch.nn.Module, width: int, precision: str, batch_size: int = 1) -> float:
+    """FLOPs of one forward + backward pass per (padded) token, counted by torch on a batch `width` tokens wide
+    (one row by default, so that counting does not raise the peak memory measured). It counts what autograd
+    runs: LoRA computes no gradients for the frozen weights, full fine-tuning does."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    ids = torch.randint(0, 50000, (batch_size, width), device=device)
+    dtype = models.compute_dtype(precision)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        output = model(input_ids=ids, labels=torch.zeros(batch_size, dtype=torch.long, device=device))
+        output.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / (batch_size * width)
+
+
+def seconds_per_epoch(durations: list[float], tokens: list[int], epoch_tokens: list[int]) -> float:
+    """A whole epoch from the timed steps: a least-squares fit of seconds = a + b * tokens per step (length-grouped
+    batches vary in width), summed over the epoch's batches; a plain mean when the timed steps are all one size."""
+    if len(set(tokens)) < 3:
+        return float(np.mean(durations)) * len(epoch_tokens)
+    b, a = np.polyfit(tokens, durations, 1)
+    return float(a * len(epoch_tokens) + b * sum(epoch_tokens))
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """A tokenizer folder (a bare vocab.json + merges.txt will do) or a Hub id / alias."""
+    path = Path(spec).expanduser()
+    source = models.ModelSource(spec, "local", str(path.resolve())) if path.is_dir() else models.resolve_model(spec)
+    try:
+        return models.load_tokenizer(source)
+    except UserError as e:
+        raise UserError(f"--tokenizer {spec}: {e}; pass --tokenizer FOLDER with the GPT-2 tokenizer files") from None
+
+
+def measure(
+    setup: Setup, tokenizer: str, data: str | None, seed: int, architecture: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train `setup` for its steps in this process and measure it; run it in a fresh process (see `run`).
+    `architecture` changes GPT2Config's defaults (the 124M model), for tests."""
+    from datasets import Dataset
+    from peft import TaskType, get_peft_model
+    from transformers import DataCollatorWithPadding, GPT2Config, GPT2ForSequenceClassification, set_seed
+
+    from . import spam, training
+    from .config import load_config
+
+    config = load_config("spam", overrides={"data": data, "seed": seed})
+    _, splits = spam.load_splits(config)
+    tok = load_tokenizer(tokenizer)
+    set_seed(seed)
+    architecture = {"num_labels": 2, "pad_token_id": tok.pad_token_id, **(architecture or {})}
+    model: Any = GPT2ForSequenceClassification(GPT2Config(**architecture))
+    if setup.lora:
+        model = get_peft_model(model, models.lora_config(model, TaskType.SEQ_CLS, config))
+    if setup.pad_to:
+        texts = list(splits["train"]["text"])
+        encoded = tok(texts, truncation=True, max_length=setup.pad_to, padding="max_length")
+        train = Dataset.from_dict({**encoded, "label": list(splits["train"]["label"])})
+    else:
+        train = spam.tokenize(splits["train"], tok, config.max_length)
+    precision = training.resolve_precision(setup.precision)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    steps = steps_per_epoch if setup.timed_steps is None else setup.warmup_steps + setup.timed_steps
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = training.training_args(
+            config,
+            Path(tmp),
+            len(train),
+            "accuracy",
+            precision,
+            max_steps=steps,
+            eval_strategy="no",
+            save_strategy="no",
+            load_best_model_at_end=False,
+            train_sampling_strategy="group_by_length" if setup.group_by_length else "random",
+            disable_tqdm=True,
+            logging_steps=steps,
+        )
+        trainer = training.CountingTrainer(
+            model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tok), callbacks=[timer]
+        )
+        epoch = [training.batch_tokens(batch) for batch in trainer.get_train_dataloader()]
+        trainer.remove_callback(PrinterCallback)  # Trainer prints its logs when there is no progress bar
+        flops = flops_per_token(trainer.model, NAIVE_LENGTH, precision)
+        trainer.train()
+    durations, counted = timer.durations(), trainer.batch_tokens
+    timed = slice(setup.warmup_steps if setup.timed_steps else 0, None)
+    epoch_seconds = seconds_per_epoch(durations[timed], [t for _, t in counted[timed]], [t for _, t in epoch])
+    real, padded = sum(r for r, _ in epoch), sum(t for _, t in epoch)
+    result = {
+        **asdict(setup),
+        "precision_run": precision,
+        "device": str(args.device),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "steps_run": len(durations),
+        "steps_timed": len(durations[timed]),
+        "steps_per_epoch": steps_per_epoch,
+        "seconds_per_step": float(np.mean(durations[timed])),
+        "seconds_per_epoch": epoch_seconds,
+        "epoch_measured_whole": setup.timed_steps is None,
+        "real_tokens_per_epoch": real,
+        "padded_tokens_per_epoch": padded,
+        "real_token_share": real / padded,
+        "real_tokens_per_second": real / epoch_seconds,
+        "flops_per_padded_token": flops,
+        "gflops_per_second": flops * padded / epoch_seconds / 1e9,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+    }
+    if setup.timed_steps is None and len(durations) > 23:  # how well --quick's estimate would have done
+        first = slice(3, 23)
+        result["seconds_per_epoch_from_steps_3_to_23"] = seconds_per_epoch(
+            durations[first], [t for _, t in counted[first]], [t for _, t in epoch]
+        )
+    if torch.cuda.is_available():
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def machine() -> dict[str, Any]:
+    from .training import cpu_has_native_bf16
+
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "torch": torch.__version__,
+    }
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        info["cpu"] = names[0] if names else info["cpu"]
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run(
+    quick: bool = False,
+    tokenizer: str = "gpt2",
+    data: str | None = None,
+    seed: int = 123,
+    initializer: Callable[[], None] | None = None,
+    architecture: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Measure every setup, each in a fresh process (started with `initializer`), and compare: the speedup of
+    lora_ft's path over the naive one (seconds per epoch) and its peak memory against full fine-tuning."""
+    load_tokenizer(tokenizer)  # fail here, not in a worker
+    results = {}
+    for setup in setups(quick):
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, context, initializer) as worker:
+            results[setup.name] = worker.submit(measure, setup, tokenizer, data, seed, architecture).result()
+    memory = "peak_cuda_bytes" if torch.cuda.is_available() else "peak_rss_bytes"
+    return {
+        "quick": quick,
+        "model": f"GPT-2 architecture {architecture or '124M'}, random weights",
+        "machine": machine(),
+        "setups": results,
+        "speedup_vs_naive": results["naive"]["seconds_per_epoch"] / results["lora_ft"]["seconds_per_epoch"],
+        "peak_rss_ratio_lora_vs_full": results["lora_ft"]["peak_rss_bytes"] / results["full"]["peak_rss_bytes"],
+        "peak_memory_ratio_lora_vs_full": results["lora_ft"][memory] / results["full"][memory],
+    }

