@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 MANIFEST = "lora_ft.json"
 ADAPTERS_DIR = Path("adapters")
@@ -36,24 +39,51 @@ def check_output_free(output: Path, overwrite: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def staged(output: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged(output: Path, overwrite: bool = False, processes: PartialState | None = None) -> Iterator[Path]:
     """Yield a temp folder beside `output`; on success it replaces `output` in one rename, on any error it is
-    removed and `output` (if it existed) is left as it was."""
+    removed and `output` (if it existed) is left as it was. In a run of several `processes`, all of them get the
+    main process's folder; only the main process makes, renames or removes it, once every process is done."""
     check_output_free(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{int(time.time())}"
-    tmp.mkdir()
+    main = processes is None or processes.is_main_process
+    tmp = _temp_folder(output, processes)
     try:
         yield tmp
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output)
+        _wait_for_everyone(processes)
+        if main:
+            _replace(output, tmp)
+        _wait_for_everyone(processes)  # so that every process returns with `output` in place
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _temp_folder(output: Path, processes: PartialState | None) -> Path:
+    """A new hidden folder beside `output`, made by the main process; the others are told its name."""
+    tmp: Path | None = None
+    if processes is None or processes.is_main_process:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{int(time.time())}"
+        tmp.mkdir()
+    if processes is not None and processes.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        (tmp,) = broadcast_object_list([tmp])
+    return tmp
+
+
+def _wait_for_everyone(processes: PartialState | None) -> None:
+    if processes is not None:
+        processes.wait_for_everyone()
+
+
+def _replace(output: Path, tmp: Path) -> None:
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, output)
 
 
 def save_adapter(model: Any, tokenizer: Any, folder: Path) -> None:

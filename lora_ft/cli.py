@@ -166,12 +166,21 @@ def _metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _main_process() -> bool:
+    """Whether this process reports a training run: of several (torchrun, accelerate launch), only the main one."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def run_spam(args: argparse.Namespace) -> int:
     from . import spam
     from .config import load_config
 
     config = load_config("spam", args.config, _overrides(args))
     result = spam.train(config, overwrite=args.overwrite)
+    if not _main_process():
+        return 0
     training = result.manifest["training"]
     print(_metrics_table(result.manifest["metrics"]))
     print(
@@ -242,6 +251,8 @@ def run_instruct(args: argparse.Namespace) -> int:
 
     config = load_config("instruct", args.config, _overrides(args))
     result = instruct.train(config, overwrite=args.overwrite)
+    if not _main_process():
+        return 0
     manifest = result.manifest
     training = manifest["training"]
     print(_instruct_table(manifest["metrics"]))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -209,12 +208,13 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
     precision = training.resolve_precision(config.precision)
     output = Path(config.output) if config.output else adapters.default_output("instruct", source.short_name)
     adapters.check_output_free(output, overwrite)
-    data_path, splits = load_splits(config)
+    processes = training.processes()
+    with processes.main_process_first():  # what must be downloaded is downloaded once; the others read the cache
+        data_path, splits = load_splits(config)
+        set_seed(config.seed)  # the LoRA matrices are initialised from this
+        tokenizer = models.load_tokenizer(source)
+        base = models.load_causal_base(source, tokenizer, config.quantize, precision)
     test = splits["test"].select(range(min(config.test_limit or len(splits["test"]), len(splits["test"]))))
-
-    set_seed(config.seed)  # the LoRA matrices are initialised from this
-    tokenizer = models.load_tokenizer(source)
-    base = models.load_causal_base(source, tokenizer, config.quantize, precision)
     base_info = models.describe_base(source, base)
     train_pairs, dropped_train = _within_length(
         prompt_completion(splits["train"], tokenizer.eos_token), tokenizer, config.max_length
@@ -226,20 +226,16 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
         split = "training" if len(train_pairs) == 0 else "val"
         raise UserError(f"{data_path}: no {split} example fits in --max-length {config.max_length} tokens")
 
-    with adapters.staged(output, overwrite) as tmp:
+    with adapters.staged(output, overwrite, processes) as tmp:
         trainer = build_trainer(config, base, tokenizer, train_pairs, val_pairs, tmp / "checkpoints", precision)
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
+        train_seconds = training.fit(trainer)
         model: PeftModel = training.trained_model(trainer)
+        # Every process scores the same examples with the same weights: the main one alone would not finish sooner,
+        # and sharded models (FSDP, ZeRO-3) need all processes in each forward pass.
         metrics: dict[str, Any] = {"val": response_loss(model, tokenizer, val_pairs, config.eval_batch_size)}
         metrics["test"], generations = score_responses(model, tokenizer, test, config)
         with model.disable_adapter():
             metrics["test_base"], _ = score_responses(model, tokenizer, test, config)
-        shutil.rmtree(tmp / "checkpoints")
-        adapters.save_adapter(model, tokenizer, tmp)
-        records = response_records(test, generations)
-        (tmp / RESPONSES).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         manifest = {
             "task": "instruct",
             "created": adapters.now_iso(),
@@ -266,8 +262,13 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
             "training": training.training_section(trainer, train_seconds, precision),
             "versions": adapters.library_versions(),
         }
-        adapters.write_manifest(tmp, manifest)
-        adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
+        if processes.is_main_process:
+            shutil.rmtree(tmp / "checkpoints")
+            adapters.save_adapter(model, tokenizer, tmp)
+            records = response_records(test, generations)
+            (tmp / RESPONSES).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            adapters.write_manifest(tmp, manifest)
+            adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
     return training.TrainResult(output, manifest, model)
 
 

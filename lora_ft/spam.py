@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -86,6 +85,7 @@ def predict_logits(
             report_to="none",
             disable_tqdm=True,
             dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=training.cpu_only(),
         )
         trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
         logits = _logits(trainer.predict(rows).predictions)
@@ -113,18 +113,22 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
     precision = training.resolve_precision(config.precision)
     output = Path(config.output) if config.output else adapters.default_output("spam", source.short_name)
     adapters.check_output_free(output, overwrite)
-    data_path, splits = load_splits(config)
-    names = splits["train"].features["label"].names
-
-    set_seed(config.seed)  # the new head and the LoRA matrices are initialised from this
-    tokenizer = models.load_tokenizer(source)
-    base = models.load_classifier_base(source, tokenizer, names, config.quantize, precision)
+    processes = training.processes()
+    with processes.main_process_first():  # what must be downloaded is downloaded once; the others read the cache
+        data_path, splits = load_splits(config)
+        names = splits["train"].features["label"].names
+        set_seed(config.seed)  # the new head and the LoRA matrices are initialised from this
+        tokenizer = models.load_tokenizer(source)
+        base = models.load_classifier_base(source, tokenizer, names, config.quantize, precision)
+    # GPT-2's classifier takes **kwargs but ignores num_items_in_batch (its loss is its own batch's mean): without
+    # this, Trainer multiplies that loss by the number of processes (logged loss and gradients N times too large).
+    base.accepts_loss_kwargs = False
     base_info = models.describe_base(source, base)
     lora = models.lora_config(base, TaskType.SEQ_CLS, config)
     model = get_peft_model(base, lora)
     encoded = tokenize(splits, tokenizer, config.max_length)
 
-    with adapters.staged(output, overwrite) as tmp:
+    with adapters.staged(output, overwrite, processes) as tmp:
         args = training.training_args(config, tmp / "checkpoints", len(encoded["train"]), "accuracy", precision)
         trainer = training.CountingTrainer(
             model=model,
@@ -135,11 +139,9 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
             processing_class=tokenizer,
             compute_metrics=lambda p: _scalar_metrics(p.label_ids, p.predictions, names),
         )
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
+        train_seconds = training.fit(trainer)
         model = training.trained_model(trainer)
-        metrics = {
+        metrics = {  # every process takes part: Trainer.predict shares the rows out and gathers the logits
             split: classification_metrics(
                 np.array(encoded[split]["label"]),
                 predict_logits(model, tokenizer, encoded[split], config.eval_batch_size),
@@ -147,8 +149,6 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
             )
             for split in data.SPLITS
         }
-        shutil.rmtree(tmp / "checkpoints")
-        adapters.save_adapter(model, tokenizer, tmp)
         manifest = {
             "task": "spam",
             "created": adapters.now_iso(),
@@ -172,10 +172,13 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
             "training": training.training_section(trainer, train_seconds, precision),
             "versions": adapters.library_versions(),
         }
-        adapters.write_manifest(tmp, manifest)
-        adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
-        title = f"test split, accuracy {metrics['test']['accuracy']:.1%}"
-        adapters.plot_confusion(metrics["test"]["confusion_matrix"], names, tmp / "confusion_matrix.png", title)
+        if processes.is_main_process:
+            shutil.rmtree(tmp / "checkpoints")
+            adapters.save_adapter(model, tokenizer, tmp)
+            adapters.write_manifest(tmp, manifest)
+            adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
+            title = f"test split, accuracy {metrics['test']['accuracy']:.1%}"
+            adapters.plot_confusion(metrics["test"]["confusion_matrix"], names, tmp / "confusion_matrix.png", title)
     return training.TrainResult(output, manifest, model)
 
 

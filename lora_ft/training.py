@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainingArguments
 
@@ -22,6 +24,18 @@ class TrainResult:
     adapter_dir: Path
     manifest: dict[str, Any]
     model: PeftModel
+
+
+def cpu_only() -> bool:
+    """No GPU (or other accelerator). Trainer must then be told to use the CPU: otherwise the processes that torchrun
+    or `accelerate launch` start each train alone on all the data, instead of together over gloo."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return not (accelerator.is_available() if accelerator else torch.cuda.is_available())
+
+
+def processes() -> PartialState:
+    """The processes of this run: just this one, or all those that torchrun or `accelerate launch` started."""
+    return PartialState(cpu=cpu_only())
 
 
 def cpu_has_native_bf16() -> bool:
@@ -74,8 +88,9 @@ def training_args(
     **extra: Any,
 ) -> TrainingArguments:
     """Evaluate on val every epoch and keep the best epoch by `best_metric`, length-grouped batches, seeded,
-    mixed precision as resolved (`resolve_precision`)."""
-    steps_per_epoch = math.ceil(train_rows / config.batch_size)
+    mixed precision as resolved (`resolve_precision`). `config.batch_size` is per process: a step of N processes
+    takes N batches."""
+    steps_per_epoch = math.ceil(train_rows / (config.batch_size * processes().num_processes))
     # With --max-steps, evaluate (and keep the best) every epoch or at the last step, whichever comes first.
     period = min(steps_per_epoch, config.max_steps) if config.max_steps else None
     arguments: dict[str, Any] = dict(
@@ -102,7 +117,8 @@ def training_args(
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # CUDA or the CPU (Trainer wants this said for bf16 on the CPU)
+        use_cpu=cpu_only(),
+        ddp_find_unused_parameters=False,  # LoRA and the head are used in every forward pass
         bf16=precision == "bf16",
         fp16=precision == "fp16",
     )
@@ -113,6 +129,15 @@ def trained_model(trainer: Trainer) -> Any:
     """The trained model in eval mode, without the mixed-precision wrapper accelerate put around its forward: what
     is measured after training then runs as the saved adapter will when loaded (float32 unless quantised)."""
     return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+
+
+def fit(trainer: Trainer) -> float:
+    """Train, and return the seconds it took, once every process has finished (and loaded the best checkpoint)."""
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    trainer.accelerator.wait_for_everyone()
+    return seconds
 
 
 def lora_section(model: PeftModel, lora: LoraConfig) -> dict[str, Any]:
@@ -127,8 +152,8 @@ def lora_section(model: PeftModel, lora: LoraConfig) -> dict[str, Any]:
 
 
 def training_section(trainer: Trainer, seconds: float, precision: str) -> dict[str, Any]:
-    state = trainer.state
-    counted = getattr(trainer, "batch_tokens", [])
+    state, args = trainer.state, trainer.args
+    counted = getattr(trainer, "batch_tokens", [])  # this process's batches
     real, total = sum(r for r, _ in counted), sum(t for _, t in counted)
     return {
         "seconds": round(seconds, 2),
@@ -136,9 +161,11 @@ def training_section(trainer: Trainer, seconds: float, precision: str) -> dict[s
         "epochs": state.epoch,
         "best_step": int(state.best_model_checkpoint.rsplit("-", 1)[-1]) if state.best_model_checkpoint else None,
         f"best_val_{trainer.args.metric_for_best_model.removeprefix('eval_')}": state.best_metric,
-        "device": str(trainer.args.device),
+        "device": str(args.device),
+        "world_size": args.world_size,
+        "global_batch_size": args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
         "precision": precision,
         "tokens": {"real": real, "with_padding": total, "real_share": round(real / total, 4) if total else None},
-        "tokens_per_second": round(real / seconds, 1) if seconds else None,
+        "tokens_per_second": round(real * args.world_size / seconds, 1) if seconds else None,
         "log_history": state.log_history,
     }
