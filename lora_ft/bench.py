@@ -172,7 +172,7 @@ def measure(
         trainer.remove_callback(PrinterCallback)  # Trainer prints its logs when there is no progress bar
         flops = flops_per_token(trainer.model, NAIVE_LENGTH, precision)
         trainer.train()
-    durations, counted = timer.durations(), trainer.batch_tokens
+    durations, counted = timer.durations(), trainer.counted_tokens
     timed = slice(setup.warmup_steps if setup.timed_steps else 0, None)
     epoch_seconds = seconds_per_epoch(durations[timed], [t for _, t in counted[timed]], [t for _, t in epoch])
     real, padded = sum(r for r, _ in epoch), sum(t for _, t in epoch)

@@ -70,7 +70,7 @@ class CountsTokens:
     to show what dynamic padding and length grouping save."""
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        self.__dict__.setdefault("batch_tokens", []).append(batch_tokens(inputs))
+        self.__dict__.setdefault("counted_tokens", []).append(batch_tokens(inputs))
         return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
 
 
@@ -153,7 +153,7 @@ def lora_section(model: PeftModel, lora: LoraConfig) -> dict[str, Any]:
 
 def training_section(trainer: Trainer, seconds: float, precision: str) -> dict[str, Any]:
     state, args = trainer.state, trainer.args
-    counted = getattr(trainer, "batch_tokens", [])  # this process's batches
+    counted = getattr(trainer, "counted_tokens", [])  # this process's batches
     real, total = sum(r for r, _ in counted), sum(t for _, t in counted)
     return {
         "seconds": round(seconds, 2),
