@@ -138,11 +138,9 @@ def read_manifest(folder: str | Path, adapter: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def recorded_quantization(manifest: dict[str, Any], full_precision: bool = False) -> tuple[str | None, str]:
-    """(quantize, precision) the adapter was trained with, to load its base the same way; (None, "fp32") with
-    `full_precision` or for adapters from before QLoRA."""
-    if full_precision:
-        return None, "fp32"
+def _quantization_as_trained(manifest: dict[str, Any]) -> tuple[str | None, str]:
+    """(quantize, precision) the adapter was trained with, to load its base the same way; (None, "fp32") for
+    adapters from before QLoRA."""
     return manifest["config"].get("quantize"), manifest.get("training", {}).get("precision", "fp32")
 
 
@@ -164,10 +162,11 @@ def load_with_base(
     load_base: Callable[..., Any],
     source: Any = None,
     force: bool = False,
+    full_precision: bool = False,
 ) -> Loaded:
-    """The adapter on a base built by `load_base(source, tokenizer, manifest)`: the base the manifest names, or
-    `source`. A base that is not the one the adapter was trained on (architecture, size, weights) is refused
-    unless `force`."""
+    """The adapter on a base built by `load_base(source, tokenizer, manifest, quantize, precision)`: the base the
+    manifest names, or `source`, quantised as in training (QLoRA), or in float32 with `full_precision`. A base that
+    is not the one the adapter was trained on (architecture, size, weights) is refused unless `force`."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -178,7 +177,8 @@ def load_with_base(
         raise UserError(f"{adapter}: a '{manifest.get('task')}' adapter, not a {task} one")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     source = source or source_from_manifest(manifest["base"])
-    base = load_base(source, tokenizer, manifest)
+    quantize, precision = (None, "fp32") if full_precision else _quantization_as_trained(manifest)
+    base = load_base(source, tokenizer, manifest, quantize, precision)
     info = describe_base(source, base)
     mismatches = base_mismatches(manifest["base"], info)
     if mismatches and not force:

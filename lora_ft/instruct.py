@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -273,10 +272,13 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
 
 
 def load_base(
-    source: models.ModelSource, tokenizer: PreTrainedTokenizerBase, manifest: dict[str, Any], full_precision: bool
+    source: models.ModelSource,
+    tokenizer: PreTrainedTokenizerBase,
+    _: dict[str, Any],
+    quantize: str | None,
+    precision: str,
 ) -> PreTrainedModel:
-    """The causal LM an adapter goes on, quantised as in training unless `full_precision`."""
-    return models.load_causal_base(source, tokenizer, *adapters.recorded_quantization(manifest, full_precision))
+    return models.load_causal_base(source, tokenizer, quantize, precision)
 
 
 def load(
@@ -284,7 +286,7 @@ def load(
 ) -> adapters.Loaded:
     """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
     adapter goes on its base quantised as in training, or in float32 with `full_precision`."""
-    return adapters.load_with_base(adapter, "instruct", partial(load_base, full_precision=full_precision), base, force)
+    return adapters.load_with_base(adapter, "instruct", load_base, base, force, full_precision)
 
 
 def respond(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -188,11 +187,13 @@ def _label_names(manifest: dict[str, Any]) -> list[str]:
 
 
 def load_base(
-    source: models.ModelSource, tokenizer: PreTrainedTokenizerBase, manifest: dict[str, Any], full_precision: bool
+    source: models.ModelSource,
+    tokenizer: PreTrainedTokenizerBase,
+    manifest: dict[str, Any],
+    quantize: str | None,
+    precision: str,
 ) -> Any:
-    """The classifier base an adapter goes on: its label names from the manifest, a new (untrained) head, quantised
-    as in training unless `full_precision`."""
-    quantize, precision = adapters.recorded_quantization(manifest, full_precision)
+    """The classifier base an adapter goes on: its label names from the manifest, a new (untrained) head."""
     return models.load_classifier_base(source, tokenizer, _label_names(manifest), quantize, precision)
 
 
@@ -201,7 +202,7 @@ def load(
 ) -> adapters.Loaded:
     """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
     adapter goes on its base quantised as in training, or in float32 with `full_precision`."""
-    return adapters.load_with_base(adapter, "spam", partial(load_base, full_precision=full_precision), base, force)
+    return adapters.load_with_base(adapter, "spam", load_base, base, force, full_precision)
 
 
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Prediction]:
