@@ -165,7 +165,7 @@ def measure(
             disable_tqdm=True,
             logging_steps=steps,
         )
-        trainer = training.CountingTrainer(
+        trainer = training.ClassifierTrainer(
             model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tok), callbacks=[timer]
         )
         epoch = [training.batch_tokens(batch) for batch in trainer.get_train_dataloader()]

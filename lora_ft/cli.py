@@ -6,14 +6,16 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import PRECISIONS, QUANTIZE
-from .errors import UserError
+from .config import PRECISIONS, QUANTIZE, TASK_ONLY, RunConfig
+from .errors import Interrupted, UserError
 
 # CLI flag -> RunConfig key, for the flags every training command shares.
 TRAIN_FLAGS: list[tuple[str, type, str]] = [
@@ -65,6 +67,11 @@ def _add_train_flags(parser: argparse.ArgumentParser, task_flags: list[tuple[str
         "--quantize", choices=QUANTIZE, help="QLoRA: hold the base in 4-bit NF4 or 8-bit (bitsandbytes)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    parser.add_argument(
+        "--resume",
+        metavar="PATH|latest",
+        help="continue an interrupted run: its --output folder (or checkpoint), or the latest one under adapters/",
+    )
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -76,8 +83,15 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     _add_force(parser)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora_ft", description="LoRA fine-tuning of GPT-2 with PEFT.")
+    parser = _Parser(prog="lora_ft", description="LoRA fine-tuning of GPT-2 with PEFT.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     spam = commands.add_parser("spam", help="train a LoRA text classifier (SMS spam vs. ham by default)")
@@ -182,12 +196,32 @@ def _main_process() -> bool:
     return PartialState().is_main_process
 
 
+def _train_config(task: str, args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
+    """The run's config and, with --resume, the checkpoint to continue from. A resumed run takes the interrupted
+    run's own config; flags given with --resume must agree with it."""
+    from . import adapters
+    from .config import load_config, validate
+
+    if args.resume is None:
+        return load_config(task, args.config, _overrides(args)), None
+    if args.config:
+        raise UserError("--resume continues a run with the config it was started with; leave out --config")
+    root = Path(args.output).parent if args.output else adapters.ADAPTERS_DIR
+    run = adapters.find_run(args.resume, task, root)
+    own = {k: v for k, v in run.record["config"].items() if TASK_ONLY.get(k, task) == task}
+    recorded = run.record["config"] | validate(own, str(run.folder / adapters.RUN_RECORD), task)
+    given = validate({k: v for k, v in _overrides(args).items() if v is not None}, "command line", task)
+    differ = [f"--{k.replace('_', '-')} {v} (was {recorded[k]})" for k, v in given.items() if v != recorded[k]]
+    if differ:
+        raise UserError(f"--resume {args.resume}: differs from the interrupted run: {', '.join(differ)}")
+    return RunConfig(**recorded), run.checkpoint
+
+
 def run_spam(args: argparse.Namespace) -> int:
     from . import spam
-    from .config import load_config
 
-    config = load_config("spam", args.config, _overrides(args))
-    result = spam.train(config, overwrite=args.overwrite)
+    config, resume = _train_config("spam", args)
+    result = spam.train(config, overwrite=args.overwrite, resume=resume)
     if not _main_process():
         return 0
     training = result.manifest["training"]
@@ -197,7 +231,7 @@ def run_spam(args: argparse.Namespace) -> int:
     )
     truncated = result.manifest["data"]["truncated"]
     if any(truncated.values()):
-        print(f"truncated to {config.max_length} tokens: {truncated}")
+        print(f"longer than --max-length {config.max_length} tokens, truncated to it: {truncated}")
     print(f"adapter: {result.adapter_dir}")
     return 0
 
@@ -219,11 +253,20 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 def run_predict(args: argparse.Namespace) -> int:
     from . import spam
 
-    for p in spam.predict(args.adapter, _read_texts(args), force=args.force):
+    predictions = spam.predict(args.adapter, _read_texts(args), force=args.force)
+    for p in predictions:
         if args.json:
-            print(json.dumps({"text": p.text, "label": p.label, "score": round(p.score, 6)}, ensure_ascii=False))
+            record = {"text": p.text, "label": p.label, "score": round(p.score, 6), "truncated": p.truncated}
+            print(json.dumps(record, ensure_ascii=False))
         else:
             print(f"{p.label}\t{p.score:.4f}\t{p.text}")
+    truncated = sum(p.truncated for p in predictions)
+    if truncated:
+        print(
+            f"note: {truncated} of {len(predictions)} texts are longer than the adapter's max_length tokens and "
+            "were labelled from their beginning",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -255,10 +298,9 @@ def _instruct_table(metrics: dict[str, dict[str, Any]]) -> str:
 
 def run_instruct(args: argparse.Namespace) -> int:
     from . import instruct
-    from .config import load_config
 
-    config = load_config("instruct", args.config, _overrides(args))
-    result = instruct.train(config, overwrite=args.overwrite)
+    config, resume = _train_config("instruct", args)
+    result = instruct.train(config, overwrite=args.overwrite, resume=resume)
     if not _main_process():
         return 0
     manifest = result.manifest
@@ -267,7 +309,7 @@ def run_instruct(args: argparse.Namespace) -> int:
     print(f"{_trained(training)}; best val loss {training['best_val_loss']:.4f} at step {training['best_step']}")
     dropped = manifest["data"]["dropped_longer_than_max_length"]
     if any(dropped.values()):
-        print(f"left out, longer than {config.max_length} tokens: {dropped}")
+        print(f"longer than --max-length {config.max_length} tokens, left out: {dropped}")
     print(f"adapter: {result.adapter_dir}  (responses: {result.adapter_dir / instruct.RESPONSES})")
     return 0
 
@@ -509,22 +551,49 @@ def _quiet_libraries() -> None:
     huggingface_hub.utils.logging.set_verbosity_error()  # download retries; the one-line error says it all
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _how_to_resume(args: argparse.Namespace, error: BaseException) -> None:
+    """For a training run that stopped with checkpoints kept: where they are and the command that continues it."""
+    from . import adapters
+
+    folder = getattr(error, "resume_folder", None)
+    if folder is not None:
+        output = adapters.output_of(folder)
+        shown = os.path.relpath(output) if output.is_relative_to(Path.cwd()) else str(output)
+        print(f"checkpoints kept in {folder}", file=sys.stderr)
+        overwrite = " --overwrite" if getattr(args, "overwrite", False) else ""
+        print(f"resume with: python -m lora_ft {args.command} --resume {shown}{overwrite}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code is 0 (done), 1 (internal error), 2 (bad input or usage), 130 or 143
+    (stopped by SIGINT or SIGTERM)."""
     args = build_parser().parse_args(argv)
     if not args.debug and args.command not in LIGHT_COMMANDS:
         _quiet_libraries()
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
+        _how_to_resume(args, e)
         return e.code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as e:
+        interrupted = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+        saved = f" at step {interrupted.step}, checkpoint saved" if interrupted.checkpoint else ""
+        print(f"interrupted by {interrupted.signal_name}{saved}", file=sys.stderr)
+        _how_to_resume(args, e)
+        return interrupted.code
     except Exception as e:
         if args.debug:
             traceback.print_exc()
         print(f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        _how_to_resume(args, e)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -128,14 +128,28 @@ def download(known: KnownDataset, dest: Path) -> None:
 
 
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read data file ({e.strerror})") from None
     if not data.strip():
         raise UserError(f"{path}: data file is empty")
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise UserError(f"{path}: a binary file, not text (NUL byte on line {line})")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise UserError(f"{path}: line {line} is not UTF-8 text") from None
+
+
+def _checked_row(path: Path, where: str, label: str, text: str) -> tuple[str, str]:
+    if not label:
+        raise UserError(f"{path}: {where} has an empty label")
+    if not text.strip():
+        raise UserError(f"{path}: {where} has an empty text")
+    return label, text
 
 
 def _label_text_lines(path: Path, text: str) -> list[tuple[str, str]]:
@@ -147,7 +161,7 @@ def _label_text_lines(path: Path, text: str) -> list[tuple[str, str]]:
         if "\t" not in line:
             raise UserError(f"{path}: line {number} has no tab between label and text")
         label, message = line.split("\t", 1)
-        rows.append((label.strip(), message))
+        rows.append(_checked_row(path, f"line {number}", label.strip(), message))
     return rows
 
 
@@ -162,7 +176,7 @@ def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
             raise UserError(f"{path}: a .json data file holds a list of objects, got a {type(items).__name__}")
         numbered = list(enumerate(items, start=1))
         where = "item"
-    else:
+    else:  # JSON Lines
         numbered = []
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -188,11 +202,14 @@ def _table_rows(path: Path, text: str) -> list[tuple[str, str]]:
         if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
             raise UserError(f"{path}: needs a header with 'text' and 'label' columns, got {reader.fieldnames}")
     rows = []
+    where = "item" if path.suffix.lower() == ".json" else "line"
     for number, record in records:
         missing = [k for k in ("text", "label") if record.get(k) is None]
         if missing:
-            raise UserError(f"{path}: line {number} has no '{missing[0]}'")
-        rows.append((str(record["label"]).strip(), str(record["text"])))
+            raise UserError(f"{path}: {where} {number} has no '{missing[0]}'")
+        if not isinstance(record["text"], str):
+            raise UserError(f"{path}: {where} {number}: 'text' must be a string, got {type(record['text']).__name__}")
+        rows.append(_checked_row(path, f"{where} {number}", str(record["label"]).strip(), record["text"]))
     return rows
 
 
@@ -205,11 +222,6 @@ def read_labeled(path: Path) -> list[tuple[str, str]]:
         path.suffix.lower() == ".tsv" and {"text", "label"} <= {c.strip() for c in first_line}
     )
     rows = _table_rows(path, text) if is_table else _label_text_lines(path, text)
-    for label, message in rows:
-        if not message.strip():
-            raise UserError(f"{path}: a row labelled '{label}' has empty text")
-        if not label:
-            raise UserError(f"{path}: a row has an empty label (text: {message[:40]!r})")
     if len({label for label, _ in rows}) < 2:
         raise UserError(f"{path}: needs at least two different labels, found {sorted({r[0] for r in rows})}")
     return rows

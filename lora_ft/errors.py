@@ -1,4 +1,9 @@
-"""The one exception type that means "the user asked for something we cannot do"."""
+"""The exceptions the CLI turns into exit codes: bad input (2) and an interrupted run (130 / 143)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -7,3 +12,15 @@ class UserError(Exception):
     def __init__(self, message: str, code: int = 2):
         super().__init__(message)
         self.code = code
+
+
+class Interrupted(BaseException):
+    """Training stopped on a signal (SIGINT, SIGTERM) after saving a checkpoint at `step`. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way up swallows it. Exit code 128 + the signal."""
+
+    def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None):
+        self.signal_name = signal.Signals(signum).name
+        self.code = 128 + signum
+        self.step, self.checkpoint = step, checkpoint
+        at = f" at step {step}, checkpoint {checkpoint}" if checkpoint else ""
+        super().__init__(f"{self.signal_name}{at}")

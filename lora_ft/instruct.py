@@ -3,9 +3,9 @@ greedy generation, and text metrics (response loss and perplexity, ROUGE-L, shar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ def _within_length(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
     return split.select(keep), len(split) - len(keep)
 
 
-class InstructTrainer(training.CountsTokens, SFTTrainer):
+class InstructTrainer(training.Resumable, SFTTrainer):
     pass
 
 
@@ -201,12 +201,13 @@ def response_records(test: Dataset, generations: list[Generation]) -> list[dict[
     ]
 
 
-def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
+def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> training.TrainResult:
     """Instruction-tune with LoRA and write the adapter folder; returns the folder, manifest and trained model."""
     source = models.resolve_model(config.model)
     precision = training.resolve_precision(config.precision)
     output = Path(config.output) if config.output else adapters.default_output("instruct", source.short_name)
-    adapters.check_output_free(output, overwrite)
+    config = dataclasses.replace(config, output=str(output))
+    adapters.check_run_free(output, overwrite, resuming=resume is not None)
     processes = training.processes()
     with processes.main_process_first():  # what must be downloaded is downloaded once; the others read the cache
         data_path, splits = load_splits(config)
@@ -224,10 +225,14 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
     if len(train_pairs) == 0 or len(val_pairs) == 0:
         split = "training" if len(train_pairs) == 0 else "val"
         raise UserError(f"{data_path}: no {split} example fits in --max-length {config.max_length} tokens")
+    record = adapters.run_record("instruct", config, data_path, base_info)
+    if resume is not None:
+        adapters.check_resume(resume, record)
 
-    with adapters.staged(output, overwrite, processes) as tmp:
-        trainer = build_trainer(config, base, tokenizer, train_pairs, val_pairs, tmp / "checkpoints", precision)
-        train_seconds = training.fit(trainer)
+    with adapters.training_folder(output, overwrite, record, resume is not None, processes) as tmp:
+        checkpoints = tmp / adapters.CHECKPOINTS
+        trainer = build_trainer(config, base, tokenizer, train_pairs, val_pairs, checkpoints, precision)
+        training.fit(trainer, resume)
         model: PeftModel = training.trained_model(trainer)
         # Every process scores the same examples with the same weights: the main one alone would not finish sooner,
         # and sharded models (FSDP, ZeRO-3) need all processes in each forward pass.
@@ -258,11 +263,10 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
                 "stops_at": tokenizer.eos_token,
             },
             "metrics": metrics,
-            "training": training.training_section(trainer, train_seconds, precision),
+            "training": training.training_section(trainer, precision),
             "versions": adapters.library_versions(),
         }
         if processes.is_main_process:
-            shutil.rmtree(tmp / "checkpoints")
             adapters.save_adapter(model, tokenizer, tmp)
             records = response_records(test, generations)
             (tmp / RESPONSES).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from huggingface_hub import constants
 from peft import LoraConfig, TaskType
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -199,14 +200,17 @@ def _load_base(
         if source.kind == "gguf":
             raise UserError(f"--quantize: {source.spec} is a GGUF checkpoint; quantise a safetensors checkpoint")
         kwargs.update(quantization_config=quantization, device_map=_quantized_device_map())
-    model = _from_hub(
-        auto_class.from_pretrained,
-        source,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype=torch.float32,
-        **_gguf_kwargs(source),
-        **kwargs,
-    )
+    try:
+        model = _from_hub(
+            auto_class.from_pretrained,
+            source,
+            pad_token_id=tokenizer.pad_token_id,
+            dtype=torch.float32,
+            **_gguf_kwargs(source),
+            **kwargs,
+        )
+    except (SafetensorError, OSError, ValueError) as e:  # corrupt weights, a broken config.json
+        raise UserError(f"{source.location}: cannot load the model ({str(e).splitlines()[0]})") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     return _as_plain_weights(model, source)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ class Prediction:
     text: str
     label: str
     score: float
+    truncated: bool = False  # longer than the adapter's max_length: labelled from its first max_length tokens
 
 
 def load_splits(
@@ -47,6 +48,11 @@ def tokenize(dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase,
         return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
     return dataset.map(encode, batched=True, remove_columns=["text"])
+
+
+def longer(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[bool]:
+    """Which texts are longer than `max_length` tokens: the model sees only their first `max_length`."""
+    return [len(ids) > max_length for ids in tokenizer(list(texts))["input_ids"]]
 
 
 def classification_metrics(labels: np.ndarray, logits: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -106,12 +112,13 @@ def _length_order(dataset: Dataset) -> np.ndarray:
     return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
 
 
-def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
+def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> training.TrainResult:
     """Train a LoRA classifier and write its adapter folder; returns the folder, manifest and trained model."""
     source = models.resolve_model(config.model)
     precision = training.resolve_precision(config.precision)
     output = Path(config.output) if config.output else adapters.default_output("spam", source.short_name)
-    adapters.check_output_free(output, overwrite)
+    config = dataclasses.replace(config, output=str(output))
+    adapters.check_run_free(output, overwrite, resuming=resume is not None)
     processes = training.processes()
     with processes.main_process_first():  # what must be downloaded is downloaded once; the others read the cache
         data_path, splits = load_splits(config)
@@ -123,13 +130,17 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
     # this, Trainer multiplies that loss by the number of processes (logged loss and gradients N times too large).
     base.accepts_loss_kwargs = False
     base_info = models.describe_base(source, base)
+    record = adapters.run_record("spam", config, data_path, base_info)
+    if resume is not None:
+        adapters.check_resume(resume, record)
     lora = models.lora_config(base, TaskType.SEQ_CLS, config)
     model = get_peft_model(base, lora)
     encoded = tokenize(splits, tokenizer, config.max_length)
 
-    with adapters.staged(output, overwrite, processes) as tmp:
-        args = training.training_args(config, tmp / "checkpoints", len(encoded["train"]), "accuracy", precision)
-        trainer = training.CountingTrainer(
+    with adapters.training_folder(output, overwrite, record, resume is not None, processes) as tmp:
+        checkpoints = tmp / adapters.CHECKPOINTS
+        args = training.training_args(config, checkpoints, len(encoded["train"]), "accuracy", precision)
+        trainer = training.ClassifierTrainer(
             model=model,
             args=args,
             train_dataset=encoded["train"],
@@ -138,7 +149,7 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
             processing_class=tokenizer,
             compute_metrics=lambda p: _scalar_metrics(p.label_ids, p.predictions, names),
         )
-        train_seconds = training.fit(trainer)
+        training.fit(trainer, resume)
         model = training.trained_model(trainer)
         metrics = {  # every process takes part: Trainer.predict shares the rows out and gathers the logits
             split: classification_metrics(
@@ -162,17 +173,15 @@ def train(config: RunConfig, overwrite: bool = False) -> training.TrainResult:
                 "seed": config.seed,
                 "split_sizes": {split: len(splits[split]) for split in data.SPLITS},
                 "truncated": {
-                    split: sum(n >= config.max_length for n in map(len, encoded[split]["input_ids"]))
-                    for split in data.SPLITS
+                    split: sum(longer(splits[split]["text"], tokenizer, config.max_length)) for split in data.SPLITS
                 },
             },
             "labels": {name: i for i, name in enumerate(names)},
             "metrics": metrics,
-            "training": training.training_section(trainer, train_seconds, precision),
+            "training": training.training_section(trainer, precision),
             "versions": adapters.library_versions(),
         }
         if processes.is_main_process:
-            shutil.rmtree(tmp / "checkpoints")
             adapters.save_adapter(model, tokenizer, tmp)
             adapters.write_manifest(tmp, manifest)
             adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
@@ -209,12 +218,14 @@ def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: 
     loaded = load(adapter, force=force)
     model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
     names = _label_names(manifest)
-    encoded = tokenize(Dataset.from_dict({"text": texts}), tokenizer, manifest["config"]["max_length"])
+    max_length = manifest["config"]["max_length"]
+    encoded = tokenize(Dataset.from_dict({"text": texts}), tokenizer, max_length)
     probabilities = torch.softmax(torch.from_numpy(predict_logits(model, tokenizer, encoded, batch_size)), -1)
     best = probabilities.max(-1)
+    cut = longer(texts, tokenizer, max_length)
     return [
-        Prediction(text, names[i], float(p))
-        for text, i, p in zip(texts, best.indices.tolist(), best.values.tolist(), strict=True)
+        Prediction(text, names[i], float(p), c)
+        for text, i, p, c in zip(texts, best.indices.tolist(), best.values.tolist(), cut, strict=True)
     ]
 
 

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig, PeftModel
-from transformers import Trainer, TrainingArguments
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import get_last_checkpoint
 
 from .config import RunConfig
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 @dataclass
@@ -59,22 +69,132 @@ def resolve_precision(requested: str) -> str:
     return requested
 
 
+class Tally(TrainerCallback, ExportableState):
+    """Tokens trained on (real and with padding), seconds spent training, and the steps a run was resumed at.
+    Trainer stores this in every checkpoint and restores it on resume, so a resumed run reports the whole run."""
+
+    def __init__(self, real: int = 0, with_padding: int = 0, seconds: float = 0.0, resumed_at: list | None = None):
+        self.real, self.with_padding, self.seconds = real, with_padding, seconds
+        self.resumed_at = list(resumed_at or [])
+        self._since = time.perf_counter()
+
+    def state(self) -> dict[str, Any]:
+        names = ("real", "with_padding", "seconds", "resumed_at")
+        return {"args": {name: getattr(self, name) for name in names}}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._since = time.perf_counter()
+        if state.global_step:
+            self.resumed_at.append(state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        self.seconds += now - self._since
+        self._since = now
+
+
+class StopOnSignal(TrainerCallback):
+    """After SIGINT or SIGTERM (see `catching_signals`), finish the step, save a checkpoint there and stop; `fit`
+    then raises `Interrupted`. A second SIGINT stops at once, without a new checkpoint."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._mid_epoch = False
+
+    @contextlib.contextmanager
+    def catching_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def _agreed(self, args: TrainingArguments) -> bool:
+        """Whether any process got a signal: all of them must stop at the same step."""
+        if args.world_size > 1:
+            flag = torch.tensor([self.received or 0], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.received = int(flag.item()) or None
+        return self.received is not None
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._agreed(args):
+            control.should_save = True
+            self._mid_epoch = state.epoch != int(state.epoch)
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.received is not None:
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        # Stopped mid-epoch: no end-of-epoch evaluation, which the uninterrupted run would not make at this step.
+        # Stopped on an epoch's last step, that evaluation (and its save) happens, as it would have anyway.
+        if self.received is not None and self._mid_epoch:
+            control.should_evaluate = control.should_save = False
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order drawn from (seed, epoch) rather than from the global random state, so that an epoch's
+    order does not depend on what ran before it and a run resumed mid-epoch skips exactly the batches it trained."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 def batch_tokens(batch: dict[str, Any]) -> tuple[int, int]:
     """(real, with padding) tokens of a collated batch."""
     ids = batch["input_ids"]
     return (int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()), ids.numel()
 
 
-class CountsTokens:
-    """A Trainer mixin that records the tokens of every training batch, real (attention mask) and with padding,
-    to show what dynamic padding and length grouping save."""
+def find_callback(trainer: Trainer, kind: type) -> Any:
+    """The trainer's callback of this kind (a resumed run replaces stateful callbacks with restored copies)."""
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
+
+
+class Resumable:
+    """What lora_ft adds to Trainer and SFTTrainer: a data order a resumed run repeats, a clean stop on SIGINT or
+    SIGTERM, and counts of the tokens of every training batch, real (attention mask) and with padding, to show
+    what dynamic padding and length grouping save."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counted_tokens: list[tuple[int, int]] = []  # this process's batches, in order (bench fits to them)
+        self.add_callback(Tally())  # type: ignore[attr-defined]
+        self.add_callback(StopOnSignal())  # type: ignore[attr-defined]
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+        sampler = super()._get_train_sampler(*args, **kwargs)  # type: ignore[misc]
+        if isinstance(sampler, LengthGroupedSampler):
+            return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.data_seed)  # type: ignore[attr-defined]
+        return sampler
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        self.__dict__.setdefault("counted_tokens", []).append(batch_tokens(inputs))
+        real, with_padding = batch_tokens(inputs)
+        self.counted_tokens.append((real, with_padding))
+        tally = find_callback(self, Tally)  # type: ignore[arg-type]
+        tally.real, tally.with_padding = tally.real + real, tally.with_padding + with_padding
         return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
 
 
-class CountingTrainer(CountsTokens, Trainer):
+class ClassifierTrainer(Resumable, Trainer):
     pass
 
 
@@ -108,8 +228,8 @@ def training_args(
         save_steps=period,
         load_best_model_at_end=True,
         metric_for_best_model=best_metric,
-        save_total_limit=1,
-        save_only_model=True,
+        save_total_limit=2,  # the best and the last: a resumed run continues from the last
+        restore_callback_states_from_checkpoint=True,  # Tally's counts, on --resume
         logging_steps=max(1, min(steps_per_epoch, config.max_steps or steps_per_epoch) // 10),
         train_sampling_strategy="group_by_length",
         seed=config.seed,
@@ -131,13 +251,36 @@ def trained_model(trainer: Trainer) -> Any:
     return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
 
 
-def fit(trainer: Trainer) -> float:
-    """Train, and return the seconds it took, once every process has finished (and loaded the best checkpoint)."""
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
+def fit(trainer: Trainer, resume_from: Path | None = None) -> None:
+    """Train (from the checkpoint `resume_from`, if given) until every process has finished and loaded the best
+    checkpoint. On SIGINT or SIGTERM, save a checkpoint at the step reached and raise `Interrupted`."""
+    if resume_from is not None and _finished(resume_from):
+        _restore(trainer, resume_from)
+        return
+    stop = find_callback(trainer, StopOnSignal)
+    with stop.catching_signals():
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.accelerator.wait_for_everyone()
-    return seconds
+    if stop.received is not None:
+        checkpoint = get_last_checkpoint(trainer.args.output_dir)
+        raise Interrupted(stop.received, trainer.state.global_step, Path(checkpoint) if checkpoint else None)
+
+
+def _finished(checkpoint: Path) -> bool:
+    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    return state.global_step >= state.max_steps
+
+
+def _restore(trainer: Trainer, checkpoint: Path) -> None:
+    """Where a run that finished training (and then failed) left off: its state, counts, and the best (else the
+    last) checkpoint's weights. Trainer itself, resumed at the last step, would train one step more."""
+    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    tally = find_callback(trainer, Tally)
+    for name, value in trainer.state.stateful_callbacks.get("Tally", {}).get("args", {}).items():
+        setattr(tally, name, value)
+    tally.resumed_at.append(trainer.state.global_step)
+    weights = Path(trainer.state.best_model_checkpoint or checkpoint) / SAFETENSORS_WEIGHTS_NAME
+    set_peft_model_state_dict(trainer.model, load_file(weights))
 
 
 def lora_section(model: PeftModel, lora: LoraConfig) -> dict[str, Any]:
@@ -151,12 +294,13 @@ def lora_section(model: PeftModel, lora: LoraConfig) -> dict[str, Any]:
     }
 
 
-def training_section(trainer: Trainer, seconds: float, precision: str) -> dict[str, Any]:
+def training_section(trainer: Trainer, precision: str) -> dict[str, Any]:
     state, args = trainer.state, trainer.args
-    counted = getattr(trainer, "counted_tokens", [])  # this process's batches
-    real, total = sum(r for r, _ in counted), sum(t for _, t in counted)
+    tally = find_callback(trainer, Tally)  # this process's batches, over every part of a resumed run
+    real, total, seconds = tally.real, tally.with_padding, tally.seconds
     return {
         "seconds": round(seconds, 2),
+        "resumed_at_steps": tally.resumed_at,
         "steps": state.global_step,
         "epochs": state.epoch,
         "best_step": int(state.best_model_checkpoint.rsplit("-", 1)[-1]) if state.best_model_checkpoint else None,

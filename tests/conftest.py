@@ -78,7 +78,7 @@ def spam_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
 
     before = tree_sha256(tiny_gpt2)
     output = tmp_path_factory.mktemp("adapters") / "spam-tiny"
-    config = load_config("spam", overrides={"model": str(tiny_gpt2), "output": str(output), "max_steps": 40})
+    config = load_config("spam", overrides={"model": str(tiny_gpt2), "output": str(output), "max_steps": 60})
     result = spam.train(config)
     return result, before
 

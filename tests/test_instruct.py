@@ -1,6 +1,7 @@
 """Instruction tuning on a small random-weight GPT-2 with the real tokenizer: label masking, an overfit run that
 must answer and stop at EOS, reload with plain PEFT, and `generate` reproducing the stored responses."""
 
+import io
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lora_ft import data, instruct, models
+from lora_ft import cli, data, instruct, models
 from lora_ft.config import load_config
 
 from .conftest import DATA_DIR, PAIRS, run_cli, tree_sha256
@@ -174,26 +175,6 @@ def test_prompt_completion_data(tmp_path: Path):
     assert data.read_requests(path, path.read_text())[0] == {"prompt": "Q: 2+2?\nA:"}
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ('[{"instruction": "x"}]', "item 1 has no 'output'"),
-        ('[{"instruction": "x", "output": 3}]', "item 1: 'output' must be a string, got int"),
-        ('{"instruction": "x"}', "holds a list of objects, got a dict"),
-        ("[]", "holds no examples"),
-        ('[{"instruction": "x", "output": "y"},', "not valid JSON at line 1"),
-        ('[{"instruction": "x", "output": "y"}]', "1 rows are too few"),
-    ],
-)
-def test_bad_instruction_data_names_file_and_item(tiny_gpt2: Path, tmp_path: Path, text: str, message: str):
-    path = tmp_path / "bad.json"
-    path.write_text(text)
-    done = run_cli("instruct", "--data", str(path), "--model", str(tiny_gpt2), "--output", str(tmp_path / "o"))
-    assert done.returncode == 2
-    assert str(path) in done.stderr and message in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
-
-
 def test_instruct_cli_on_course_data(tiny_gpt2: Path, tmp_path: Path):
     """The command a user runs, on the real 1,100 examples: a few steps, two test answers."""
     output = tmp_path / "run"
@@ -211,29 +192,15 @@ def test_instruct_cli_on_course_data(tiny_gpt2: Path, tmp_path: Path):
     assert manifest["training"]["steps"] == 3
     # Examples over --max-length are left out of training and val, counted, and the count is reported.
     dropped = manifest["data"]["dropped_longer_than_max_length"]
-    assert dropped["train"] > 0 and f"left out, longer than 60 tokens: {dropped}" in done.stdout
+    assert dropped["train"] > 0 and f"longer than --max-length 60 tokens, left out: {dropped}" in done.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        ([], "nothing to answer"),
-        (["--input", "x"], "--input goes with --instruction"),
-        (["--instruction", "x", "--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
-        (["--instruction", "x", "--top-p", "0"], "--top-p in (0, 1]"),
-    ],
-)
-def test_generate_refuses_bad_requests(instruct_run, args: list[str], message: str):
-    result, _ = instruct_run
-    done = run_cli("generate", str(result.adapter_dir), *args)
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
-
-
-def test_generate_names_the_bad_line_of_a_file(instruct_run, tmp_path: Path):
+def test_generate_names_the_bad_line_of_a_file(instruct_run, tmp_path: Path, monkeypatch, capsys):
     result, _ = instruct_run
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"instruction": "Name the capital of France."}\n{"input": "no instruction"}\n')
-    done = run_cli("generate", str(result.adapter_dir), "--file", str(requests))
-    assert done.returncode == 2 and f"{requests}: line 2 has no 'instruction'" in done.stderr
-    answered = run_cli("generate", str(result.adapter_dir), "--file", "-", stdin=requests.read_text().splitlines()[0])
-    assert answered.returncode == 0 and answered.stdout.strip() == "Paris."
+    assert cli.main(["generate", str(result.adapter_dir), "--file", str(requests)]) == 2
+    assert capsys.readouterr().err == f"error: {requests}: line 2 has no 'instruction'\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(requests.read_text().splitlines()[0]))
+    assert cli.main(["generate", str(result.adapter_dir), "--file", "-"]) == 0
+    assert capsys.readouterr().out.strip() == "Paris."

@@ -275,7 +275,7 @@ def test_inspect_shows_the_manifest(spam_run, capsys):
     out = capsys.readouterr().out
     accuracy = result.manifest["metrics"]["test"]["accuracy"]
     assert out.startswith(f"{result.adapter_dir}: spam adapter, ")
-    for line in ("  lora_r: 16", f"    accuracy: {accuracy:.4g}", "  max_steps: 40", "  transformers: ", "files:"):
+    for line in ("  lora_r: 16", f"    accuracy: {accuracy:.4g}", "  max_steps: 60", "  transformers: ", "files:"):
         assert line in out
     assert "adapter_model.safetensors" in out and "log_history: " in out
     assert main("inspect", result.adapter_dir, "--json") == 0

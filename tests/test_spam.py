@@ -81,7 +81,7 @@ def test_manifest(spam_run, tiny_gpt2: Path):
     manifest = json.loads((result.adapter_dir / "lora_ft.json").read_text())
     assert manifest == json.loads(json.dumps(result.manifest))
     assert manifest["task"] == "spam"
-    assert manifest["config"]["max_steps"] == 40 and manifest["config"]["seed"] == 123
+    assert manifest["config"]["max_steps"] == 60 and manifest["config"]["seed"] == 123
     assert manifest["base"]["kind"] == "local" and manifest["base"]["location"] == str(tiny_gpt2)
     assert len(manifest["base"]["weights_sha256"]) == 64
     assert manifest["data"]["sha256"] == "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
@@ -93,13 +93,13 @@ def test_manifest(spam_run, tiny_gpt2: Path):
         assert np.array(m["confusion_matrix"]).sum() == n
         assert m["accuracy"] == pytest.approx(np.trace(m["confusion_matrix"]) / n)
         assert {"precision", "recall", "f1", "loss"} <= set(m)
-    assert manifest["training"]["steps"] == 40 and manifest["training"]["seconds"] > 0
+    assert manifest["training"]["steps"] == 60 and manifest["training"]["seconds"] > 0
     assert {"torch", "transformers", "peft", "datasets"} <= set(manifest["versions"])
     assert manifest["lora"]["trainable_parameters"] < manifest["lora"]["total_parameters"] * 0.1
 
 
 def test_training_learns_something(spam_run):
-    # 40 steps on a random 2-layer model: well above the 50% of a balanced coin, not yet good.
+    # 60 steps on a random 2-layer model: well above the 50% of a balanced coin, not yet good.
     assert spam_run[0].manifest["metrics"]["test"]["accuracy"] > 0.6
 
 
@@ -225,13 +225,3 @@ def test_eval_refuses_changed_data(tiny_gpt2: Path, tmp_path: Path):
     done = run_cli("eval", str(tmp_path / "a"))
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: {data_copy}: not the data this adapter was trained on")
-
-
-@pytest.mark.parametrize("command", ["predict", "eval"])
-def test_not_an_adapter(tmp_path: Path, command: str):
-    text = ["hi"] if command == "predict" else []
-    missing = run_cli(command, str(tmp_path / "nope"), *text)
-    assert missing.returncode == 2 and "adapter folder not found" in missing.stderr
-    no_manifest = run_cli(command, str(tmp_path), *text)
-    assert no_manifest.returncode == 2 and "no lora_ft.json" in no_manifest.stderr
-    assert "Traceback" not in missing.stderr + no_manifest.stderr
