@@ -104,6 +104,7 @@ def training_folder(
         yield tmp
         _wait_for_everyone(processes)
         check_output_free(output, overwrite)  # still: it may have appeared while this run trained
+        _wait_for_everyone(processes)  # every process has checked before the main one renames
         if main:
             shutil.rmtree(tmp / CHECKPOINTS, ignore_errors=True)
             (tmp / RUN_RECORD).unlink(missing_ok=True)
@@ -143,7 +144,7 @@ def find_run(spec: str | Path, task: str, root: Path = ADAPTERS_DIR) -> Run:
         path = partial_folder(path)
     if not (path / RUN_RECORD).is_file():
         raise UserError(f"--resume {spec}: no interrupted run there ({path / RUN_RECORD} not found)")
-    record = json.loads((path / RUN_RECORD).read_text(encoding="utf-8"))
+    record = read_run_record(path)
     if record.get("task") != task:
         raise UserError(f"--resume {spec}: a '{record.get('task')}' run, not a {task} one")
     found = checkpoint or get_last_checkpoint(str(path / CHECKPOINTS))
@@ -157,7 +158,14 @@ def run_record(task: str, config: Any, data_path: Path, base: dict[str, Any]) ->
     from .data import sha256_file
 
     data = {"path": str(data_path), "sha256": sha256_file(data_path)}
-    return {"task": task, "output": config.output, "config": config.to_dict(), "data": data, "base": base}
+    return {
+        "task": task,
+        "started": now_iso(),
+        "output": config.output,
+        "config": config.to_dict(),
+        "data": data,
+        "base": base,
+    }
 
 
 def check_resume(checkpoint: Path, record: dict[str, Any]) -> None:
@@ -168,7 +176,7 @@ def check_resume(checkpoint: Path, record: dict[str, Any]) -> None:
     run_folder = partial_folder(Path(record["output"]))
     if Path(checkpoint).resolve().parent.parent != run_folder or not (run_folder / RUN_RECORD).is_file():
         raise UserError(f"--resume {checkpoint}: not a checkpoint of the run into {record['output']} ({run_folder})")
-    recorded = json.loads((run_folder / RUN_RECORD).read_text(encoding="utf-8"))
+    recorded = read_run_record(run_folder)
     now = json.loads(json.dumps(record))
     differ = [
         f"{key} {now['config'][key]!r} (was {value!r})"
@@ -182,10 +190,21 @@ def check_resume(checkpoint: Path, record: dict[str, Any]) -> None:
         raise UserError(f"{run_folder}: cannot resume, this run differs from the interrupted one: {'; '.join(differ)}")
 
 
+def read_run_record(folder: Path) -> dict[str, Any]:
+    path = folder / RUN_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise UserError(f"{path}: not a run record (a JSON object with a 'config')")
+    return record
+
+
 def _task_of(folder: Path) -> str | None:
     try:
-        return json.loads((folder / RUN_RECORD).read_text(encoding="utf-8")).get("task")
-    except (OSError, ValueError, AttributeError):
+        return read_run_record(folder).get("task")
+    except UserError:
         return None
 
 
@@ -376,7 +395,23 @@ def list_adapters(root: str | Path = ADAPTERS_DIR) -> list[Listed]:
         raise UserError(f"{root}: folder not found")
     folders = {p.parent for name in (MANIFEST, "adapter_config.json") for p in root.rglob(name)}
     visible = [f for f in folders if not any(part.startswith(".") for part in f.relative_to(root).parts)]
-    return sorted(map(describe_folder, visible), key=lambda listed: (listed.created or "", listed.path))
+    found = [describe_folder(f) for f in visible] + [
+        _describe_run(p.parent) for p in root.rglob(f"*{PARTIAL}/{RUN_RECORD}")
+    ]
+    return sorted(found, key=lambda listed: (listed.created or "", listed.path))
+
+
+def _describe_run(folder: Path) -> Listed:
+    """The listing row of an interrupted run (kind "interrupted"), under the output path it is building."""
+    listed = Listed(str(output_of(folder)), "interrupted", size_bytes=folder_size(folder))
+    try:
+        record = read_run_record(folder)
+        listed.task, listed.created, listed.base = record["task"], record.get("started"), base_name(record["base"])
+    except UserError as e:
+        listed.problem = str(e)
+    except (KeyError, TypeError) as e:
+        listed.problem = f"{folder / RUN_RECORD}: unexpected content ({type(e).__name__}: {e})"
+    return listed
 
 
 def _pyplot() -> Any:

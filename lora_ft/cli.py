@@ -190,10 +190,9 @@ def _trained(training: dict[str, Any]) -> str:
 
 
 def _main_process() -> bool:
-    """Whether this process reports a training run: of several (torchrun, accelerate launch), only the main one."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    """Whether this process reports: of several started by torchrun or `accelerate launch`, which all meet the same
+    results, bad input or interrupt, only the main one (global rank 0)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _train_config(task: str, args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
@@ -425,7 +424,7 @@ def run_adapters(args: argparse.Namespace) -> int:
     if not found:
         print(f"no adapters under {args.folder}")
         return 0
-    rows = [("path", "kind", "task", "base", "created (UTC)", "test metric", "size")]
+    rows = [("path", "kind", "task", "base", "created (UTC)", "test metric", "size")]  # interrupted: when started
     for listed in found:
         metric = f"{listed.metric} {listed.value:.4f}" if listed.value is not None else "-"
         created = (listed.created or "-").replace("T", " ")[:16]
@@ -437,6 +436,8 @@ def run_adapters(args: argparse.Namespace) -> int:
     for listed in found:
         if listed.problem:
             print(f"unreadable: {listed.problem}")
+        elif listed.kind == "interrupted":
+            print(f"interrupted: resume with python -m lora_ft {listed.task} --resume {listed.path}")
     return 0
 
 
@@ -565,7 +566,10 @@ def _how_to_resume(args: argparse.Namespace, error: BaseException) -> None:
         shown = os.path.relpath(output) if output.is_relative_to(Path.cwd()) else str(output)
         print(f"checkpoints kept in {folder}", file=sys.stderr)
         overwrite = " --overwrite" if getattr(args, "overwrite", False) else ""
-        print(f"resume with: python -m lora_ft {args.command} --resume {shown}{overwrite}", file=sys.stderr)
+        launch = (
+            "python" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "<torchrun or accelerate launch, as before>"
+        )
+        print(f"resume with: {launch} -m lora_ft {args.command} --resume {shown}{overwrite}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -580,15 +584,20 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        _how_to_resume(args, e)
+        if _main_process():
+            print(f"error: {e}", file=sys.stderr)
+            _how_to_resume(args, e)
         return e.code
     except (Interrupted, KeyboardInterrupt) as e:
         interrupted = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
-        saved = f" at step {interrupted.step}, checkpoint saved" if interrupted.checkpoint else ""
-        print(f"interrupted by {interrupted.signal_name}{saved}", file=sys.stderr)
-        _how_to_resume(args, e)
+        if _main_process():
+            saved = f" at step {interrupted.step}, checkpoint saved" if interrupted.checkpoint else ""
+            print(f"interrupted by {interrupted.signal_name}{saved}", file=sys.stderr)
+            _how_to_resume(args, e)
         return interrupted.code
+    except BrokenPipeError:  # the reader went away (`| head`): not an error; stop writing to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if args.debug:
             traceback.print_exc()

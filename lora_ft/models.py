@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import socket
 import urllib.parse
 from dataclasses import asdict, dataclass
@@ -26,8 +28,9 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from .adapters import write_json_atomically
 from .config import RunConfig
-from .data import offline
+from .data import cache_dir, offline
 from .errors import UserError
 
 DEFAULT_MODEL = "openai-community/gpt2"
@@ -276,15 +279,34 @@ def lora_config(model: torch.nn.Module, task_type: TaskType, config: RunConfig) 
 
 
 def weights_sha256(folder: Path, gguf_file: str | None = None) -> str:
-    """One hash over a checkpoint's weight files (names and bytes), to recognise the same base later."""
+    """One hash over a checkpoint's weight files (names and bytes), to recognise the same base later. Hashing GBs
+    takes seconds, so the result is kept in the cache, keyed by the folder and each file's size and modification
+    time: a file rewritten since is hashed again."""
     files = [folder / gguf_file] if gguf_file else sorted(f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES)
+    stamps = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache = cache_dir() / "weights_sha256.json"
+    known = _read_json(cache)
+    key = str(folder.resolve())
+    if isinstance(known.get(key), dict) and known[key].get("files") == stamps:
+        return known[key]["sha256"]
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
         with open(f, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
+    known[key] = {"files": stamps, "sha256": digest.hexdigest()}
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next load its hashing
+        write_json_atomically(cache, known)
     return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def describe_base(source: ModelSource, model: PreTrainedModel) -> dict[str, Any]:

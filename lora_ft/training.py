@@ -95,10 +95,12 @@ class Tally(TrainerCallback, ExportableState):
 
 class StopOnSignal(TrainerCallback):
     """After SIGINT or SIGTERM (see `catching_signals`), finish the step, save a checkpoint there and stop; `fit`
-    then raises `Interrupted`. A second SIGINT stops at once, without a new checkpoint."""
+    then raises `Interrupted`. A second SIGINT stops at once, without a new checkpoint. Processes of a distributed
+    run agree at every step end whether any of them got a signal, so that all stop after the same step."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self.received: int | None = None  # this process's signal
+        self.stopping = False  # agreed by every process, at a step end
         self._mid_epoch = False
 
     @contextlib.contextmanager
@@ -118,33 +120,36 @@ class StopOnSignal(TrainerCallback):
             raise KeyboardInterrupt
         self.received = signum
 
-    def _agreed(self, args: TrainingArguments) -> bool:
-        """Whether any process got a signal: all of them must stop at the same step."""
+    def agree(self, args: TrainingArguments) -> int | None:
+        """The signal any process got (the largest number, if several), the same in every process."""
         if args.world_size > 1:
             flag = torch.tensor([self.received or 0], device=args.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             self.received = int(flag.item()) or None
-        return self.received is not None
+        return self.received
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._agreed(args):
-            control.should_save = True
+        if not self.stopping and self.agree(args) is not None:
+            self.stopping = True
             self._mid_epoch = state.epoch != int(state.epoch)
+            control.should_save = True
 
     def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.received is not None:
+        if self.stopping:
             control.should_training_stop = True
 
     def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         # Stopped mid-epoch: no end-of-epoch evaluation, which the uninterrupted run would not make at this step.
         # Stopped on an epoch's last step, that evaluation (and its save) happens, as it would have anyway.
-        if self.received is not None and self._mid_epoch:
+        if self.stopping and self._mid_epoch:
             control.should_evaluate = control.should_save = False
 
 
-class SeededLengthGroupedSampler(LengthGroupedSampler):
+class SeededLengthGroupedSampler(LengthGroupedSampler, TrainerCallback):
     """Length-grouped order drawn from (seed, epoch) rather than from the global random state, so that an epoch's
-    order does not depend on what ran before it and a run resumed mid-epoch skips exactly the batches it trained."""
+    order does not depend on what ran before it and a run resumed mid-epoch skips exactly the batches it trained.
+    It is also a callback that sets its epoch as each one begins: accelerate's `set_epoch` does not reach it through
+    the samplers a resumed distributed run wraps it in."""
 
     def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
         super().__init__(batch_size, lengths=lengths)
@@ -156,6 +161,9 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
     def __iter__(self) -> Iterator[int]:
         self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return super().__iter__()
+
+    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.set_epoch(int(state.epoch or 0))  # a resumed run starts inside its epoch: 1.5 is epoch 1
 
 
 def batch_tokens(batch: dict[str, Any]) -> tuple[int, int]:
@@ -183,7 +191,9 @@ class Resumable:
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
         sampler = super()._get_train_sampler(*args, **kwargs)  # type: ignore[misc]
         if isinstance(sampler, LengthGroupedSampler):
-            return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.data_seed)  # type: ignore[attr-defined]
+            sampler = SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.data_seed)  # type: ignore[attr-defined]
+            self.callback_handler.remove_callback(SeededLengthGroupedSampler)  # type: ignore[attr-defined]
+            self.add_callback(sampler)  # type: ignore[attr-defined]
         return sampler
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -261,9 +271,10 @@ def fit(trainer: Trainer, resume_from: Path | None = None) -> None:
     with stop.catching_signals():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.accelerator.wait_for_everyone()
-    if stop.received is not None:
+    signum = stop.agree(trainer.args)  # also a signal that came after the last step: training is over, but stop
+    if signum is not None:
         checkpoint = get_last_checkpoint(trainer.args.output_dir)
-        raise Interrupted(stop.received, trainer.state.global_step, Path(checkpoint) if checkpoint else None)
+        raise Interrupted(signum, trainer.state.global_step, Path(checkpoint) if checkpoint else None)
 
 
 def _finished(checkpoint: Path) -> bool:

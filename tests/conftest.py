@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ PAIRS = [
 # Every test (and every CLI subprocess they start) reads data from ../shared and never reaches a network.
 os.environ["LORA_FT_DATA_DIR"] = str(DATA_DIR)
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["LORA_FT_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_ft-test-cache-")  # not the user's cache
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

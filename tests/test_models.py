@@ -1,4 +1,7 @@
+import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,18 @@ def test_lora_weights_start_at_zero_delta(tiny_gpt2: Path):
         expected = base(**ids).logits
         model = get_peft_model(base, models.lora_config(base, "SEQ_CLS", RunConfig(lora_r=4, lora_dropout=0.0))).eval()
         assert torch.allclose(model(**ids).logits, expected)
+
+
+def test_weights_hash_is_cached_and_follows_a_rewritten_file(tiny_gpt2: Path, tmp_path: Path):
+    folder = Path(shutil.copytree(tiny_gpt2, tmp_path / "model"))
+    weights = folder / "model.safetensors"
+    first = models.weights_sha256(folder)
+    assert first == hashlib.sha256(b"model.safetensors" + weights.read_bytes()).hexdigest()
+    cache = json.loads((Path(os.environ["LORA_FT_CACHE_DIR"]) / "weights_sha256.json").read_text())
+    assert cache[str(folder.resolve())]["sha256"] == first
+    assert models.weights_sha256(folder) == first  # from the cache
+
+    content = bytearray(weights.read_bytes())
+    content[-1] ^= 1  # same size, new bytes, new modification time
+    weights.write_bytes(bytes(content))
+    assert models.weights_sha256(folder) == hashlib.sha256(b"model.safetensors" + bytes(content)).hexdigest()

@@ -4,6 +4,7 @@ nothing saved is lost."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_ft import cli
+from lora_ft import adapters, cli
 from tests.conftest import tree_sha256
 
 # Each case: (id, files to write into tmp {name: text or bytes}, argv builder, fragments the message must hold).
@@ -200,58 +201,82 @@ def _adapter_difference(a: Path, b: Path) -> float:
     return max((left[k] - right[k]).abs().max().item() for k in left)
 
 
-EPOCHS = ["--epochs", "2"]  # 262 steps on the SMS split; an interrupt lands in the second epoch
+EPOCHS = ["--epochs", "2"]  # 262 steps on the SMS split (131 with two processes): an interrupt lands in the second
+LAUNCH = {1: [sys.executable, "-m", "lora_ft"]}
+LAUNCH[2] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lora_ft"]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("whole") / "adapter"
-    assert cli.main(["spam", "--model", str(tiny_gpt2), "--output", str(output), *EPOCHS]) == 0
-    return output
+def uninterrupted(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """The adapter an uninterrupted run writes, with 1 or 2 processes (made once each, when first asked for)."""
+    made: dict[int, Path] = {}
+
+    def adapter(processes: int) -> Path:
+        if processes not in made:
+            output = tmp_path_factory.mktemp("whole") / "adapter"
+            command = [*LAUNCH[processes], "spam", "--model", str(tiny_gpt2), "--output", str(output), *EPOCHS]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-2000:]
+            made[processes] = output
+        return made[processes]
+
+    return adapter
 
 
-@pytest.mark.parametrize(("signum", "how"), [(signal.SIGINT, "printed command"), (signal.SIGTERM, "latest")])
+@pytest.mark.parametrize(
+    ("signum", "processes", "how"), [(signal.SIGINT, 1, "printed command"), (signal.SIGTERM, 2, "latest")]
+)
 def test_interrupted_run_resumes_to_the_uninterrupted_adapter(
-    signum: int, how: str, uninterrupted: Path, tiny_gpt2: Path, tmp_path: Path
+    signum: int, processes: int, how: str, uninterrupted: Callable[[int], Path], tiny_gpt2: Path, tmp_path: Path
 ) -> None:
-    """A real training subprocess gets the signal once its first epoch's checkpoint is written; it saves where it
-    is and exits 128 + signal; resuming ends with the adapter an uninterrupted run of the same seed wrote."""
-    command = [sys.executable, "-m", "lora_ft", "spam"]
+    """A real training run (one process, or two under torchrun) gets the signal, sent to its process group as
+    Ctrl-C or a service manager would, once its first epoch's checkpoint is written. It saves where it is and
+    exits 128 + signal; resuming ends with the adapter an uninterrupted run of the same seed wrote."""
     started = subprocess.Popen(
-        [*command, "--model", str(tiny_gpt2), "--output", "adapters/run", *EPOCHS],
+        [*LAUNCH[processes], "spam", "--model", str(tiny_gpt2), "--output", "adapters/run", *EPOCHS],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     checkpoints = tmp_path / "adapters" / ".run.partial" / "checkpoints"
     deadline = time.monotonic() + 300
     while started.poll() is None and time.monotonic() < deadline:
         if any(checkpoints.glob("checkpoint-*/trainer_state.json")):
-            started.send_signal(signum)
+            os.killpg(started.pid, signum)
             break
         time.sleep(0.05)
     _, err = started.communicate(timeout=300)
 
-    assert started.returncode == 128 + signum, err
     name = signal.Signals(signum).name
-    stopped = next(line for line in err.splitlines() if line.startswith(f"interrupted by {name} at step "))
-    step = int(stopped.split("at step ")[1].split(",")[0])
-    assert 131 <= step < 262 and "Traceback" not in err
+    stopped = [line for line in err.splitlines() if line.startswith(f"interrupted by {name} at step ")]
+    assert len(stopped) == 1, err[-3000:]  # reported once, by the main process
+    assert started.returncode == (128 + signum if processes == 1 else 1)  # torchrun exits 1 when its workers fail
+    step = int(stopped[0].split("at step ")[1].split(",")[0])
+    steps = 262 // processes
+    assert steps // 2 <= step < steps
     assert (checkpoints / f"checkpoint-{step}" / "optimizer.pt").is_file()
     assert not (tmp_path / "adapters" / "run").exists()
-    printed = next(line for line in err.splitlines() if line.startswith("resume with: "))
-    assert printed == "resume with: python -m lora_ft spam --resume adapters/run"
+    printed = [line for line in err.splitlines() if line.startswith("resume with: ")]
+    launcher = "python" if processes == 1 else "<torchrun or accelerate launch, as before>"
+    assert printed == [f"resume with: {launcher} -m lora_ft spam --resume adapters/run"]
+    listed = adapters.list_adapters(tmp_path / "adapters")
+    assert [(row.path, row.kind, row.task) for row in listed] == [
+        (str(tmp_path / "adapters" / "run"), "interrupted", "spam")
+    ]
 
-    resume = printed.split()[-2:] if how == "printed command" else ["--resume", "latest"]
-    done = subprocess.run([*command, *resume], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    adapter = tmp_path / "adapters" / "run"
-    assert _adapter_difference(adapter, uninterrupted) <= 1e-6
-    resumed, whole = (json.loads((a / "lora_ft.json").read_text()) for a in (adapter, uninterrupted))
-    assert resumed["metrics"] == whole["metrics"]
-    assert resumed["training"]["resumed_at_steps"] == [step] and whole["training"]["resumed_at_steps"] == []
-    assert resumed["training"]["tokens"] == whole["training"]["tokens"]  # counted over both parts of the run
+    resume = printed[0].split()[-2:] if how == "printed command" else ["--resume", "latest"]
+    done = subprocess.run(
+        [*LAUNCH[processes], "spam", *resume], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter, whole = tmp_path / "adapters" / "run", uninterrupted(processes)
+    assert _adapter_difference(adapter, whole) <= 1e-6
+    resumed, reference = (json.loads((a / "lora_ft.json").read_text()) for a in (adapter, whole))
+    assert resumed["metrics"] == reference["metrics"]
+    assert resumed["training"]["resumed_at_steps"] == [step] and reference["training"]["resumed_at_steps"] == []
+    assert resumed["training"]["tokens"] == reference["training"]["tokens"]  # counted over both parts of the run
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["run"]  # checkpoints gone with the run
 
 

@@ -1,5 +1,6 @@
 """Train a LoRA classifier on a small random-weight GPT-2 with the real tokenizer and the real SMS data."""
 
+import io
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_ft import spam
+from lora_ft import cli, spam
 from lora_ft.config import load_config
 
 from .conftest import run_cli, tree_sha256
@@ -128,29 +129,28 @@ def test_plain_peft_reload_in_fresh_process_gives_same_logits(spam_run, tiny_gpt
     assert np.abs(alone - expected[1:2]).max() <= 1e-5
 
 
-def test_eval_recomputes_manifest_metrics(spam_run):
+def test_eval_recomputes_manifest_metrics(spam_run, capsys):
     result, _ = spam_run
-    done = run_cli("eval", str(result.adapter_dir), "--json")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    assert cli.main(["eval", str(result.adapter_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["matches_manifest"] is True
     assert report["test"]["accuracy"] == result.manifest["metrics"]["test"]["accuracy"]
     assert report["test"]["confusion_matrix"] == result.manifest["metrics"]["test"]["confusion_matrix"]
 
 
-def test_predict_cli_matches_library(spam_run):
+def test_predict_cli_matches_library(spam_run, monkeypatch, capsys):
     result, _ = spam_run
-    done = run_cli("predict", str(result.adapter_dir), TEXTS[0], "--file", "-", "--json", stdin="\n".join(TEXTS[1:]))
-    assert done.returncode == 0, done.stderr
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(TEXTS[1:])))
+    assert cli.main(["predict", str(result.adapter_dir), TEXTS[0], "--file", "-", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["text"] for line in lines] == TEXTS
     library = spam.predict(result.adapter_dir, TEXTS)
     assert [line["label"] for line in lines] == [p.label for p in library]
     assert all(line["label"] in {"ham", "spam"} and 0.5 <= line["score"] <= 1 for line in lines)
     assert [line["score"] for line in lines] == pytest.approx([p.score for p in library], abs=1e-6)
 
-    plain = run_cli("predict", str(result.adapter_dir), "see you at 5")
-    assert plain.returncode == 0 and plain.stdout.split("\t")[2].strip() == "see you at 5"
+    assert cli.main(["predict", str(result.adapter_dir), "see you at 5"]) == 0
+    assert capsys.readouterr().out.split("\t")[2].strip() == "see you at 5"
 
 
 def test_same_seed_same_split_and_weights(tiny_gpt2: Path, tmp_path: Path):
@@ -200,17 +200,7 @@ def test_user_csv_with_own_labels(tiny_gpt2: Path, tmp_path: Path):
     assert labels <= {"family", "work"}
 
 
-def test_existing_output_is_refused_and_kept(spam_run, tiny_gpt2: Path):
-    result, _ = spam_run
-    before = tree_sha256(result.adapter_dir)
-    done = run_cli("spam", "--model", str(tiny_gpt2), "--max-steps", "2", "--output", str(result.adapter_dir))
-    assert done.returncode == 2
-    assert "already exists" in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
-    assert tree_sha256(result.adapter_dir) == before
-
-
-def test_eval_refuses_changed_data(tiny_gpt2: Path, tmp_path: Path):
+def test_eval_refuses_changed_data(tiny_gpt2: Path, tmp_path: Path, capsys):
     from .conftest import DATA_DIR
 
     data_copy = tmp_path / "SMSSpamCollection"
@@ -222,6 +212,5 @@ def test_eval_refuses_changed_data(tiny_gpt2: Path, tmp_path: Path):
     spam.train(config)
     with open(data_copy, "a") as f:
         f.write("spam\tone more line\n")
-    done = run_cli("eval", str(tmp_path / "a"))
-    assert done.returncode == 2
-    assert done.stderr.startswith(f"error: {data_copy}: not the data this adapter was trained on")
+    assert cli.main(["eval", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {data_copy}: not the data this adapter was trained on")
