@@ -85,18 +85,25 @@ def _has_checkpoint(folder: Path) -> bool:
 
 @contextlib.contextmanager
 def training_folder(
-    output: Path, overwrite: bool, record: dict[str, Any], resuming: bool, processes: PartialState | None = None
+    output: Path,
+    overwrite: bool,
+    record: dict[str, Any],
+    resume: Path | None = None,
+    processes: PartialState | None = None,
 ) -> Iterator[Path]:
-    """Yield the run's `.partial` folder (made, with `record` as run.json, unless `resuming`). On success it
-    replaces `output` in one rename. On an error or interrupt it is kept if it holds a checkpoint, so the run can
-    be resumed; the exception then carries `resume_folder`. Else it is removed. `output`, if it existed, is left
-    as it was either way. In a run of several `processes` only the main one makes, renames or removes it."""
+    """Yield the run's `.partial` folder: made, with `record` as run.json, or, to `resume` from one of its
+    checkpoints, checked to be the same run (`check_resume`). On success it replaces `output` in one rename. On an
+    error or interrupt it is kept if it holds a checkpoint, so the run can be resumed; the exception then carries
+    `resume_folder`. Else it is removed. `output`, if it existed, is left as it was either way. In a run of several
+    `processes` only the main one makes, renames or removes it."""
     main = processes is None or processes.is_main_process
     tmp = partial_folder(output)
     _wait_for_everyone(processes)  # no process may see another's new folder as an earlier run's
-    check_run_free(output, overwrite, resuming)
+    check_run_free(output, overwrite, resuming=resume is not None)
+    if resume is not None:
+        check_resume(resume, record)
     _wait_for_everyone(processes)
-    if main and not resuming:
+    if main and resume is None:
         tmp.mkdir(parents=True)
         write_json_atomically(tmp / RUN_RECORD, record)
     _wait_for_everyone(processes)

@@ -226,10 +226,8 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
         split = "training" if len(train_pairs) == 0 else "val"
         raise UserError(f"{data_path}: no {split} example fits in --max-length {config.max_length} tokens")
     record = adapters.run_record("instruct", config, data_path, base_info)
-    if resume is not None:
-        adapters.check_resume(resume, record)
 
-    with adapters.training_folder(output, overwrite, record, resume is not None, processes) as tmp:
+    with adapters.training_folder(output, overwrite, record, resume, processes) as tmp:
         checkpoints = tmp / adapters.CHECKPOINTS
         trainer = build_trainer(config, base, tokenizer, train_pairs, val_pairs, checkpoints, precision)
         training.fit(trainer, resume)

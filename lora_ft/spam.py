@@ -131,13 +131,11 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
     base.accepts_loss_kwargs = False
     base_info = models.describe_base(source, base)
     record = adapters.run_record("spam", config, data_path, base_info)
-    if resume is not None:
-        adapters.check_resume(resume, record)
     lora = models.lora_config(base, TaskType.SEQ_CLS, config)
     model = get_peft_model(base, lora)
     encoded = tokenize(splits, tokenizer, config.max_length)
 
-    with adapters.training_folder(output, overwrite, record, resume is not None, processes) as tmp:
+    with adapters.training_folder(output, overwrite, record, resume, processes) as tmp:
         checkpoints = tmp / adapters.CHECKPOINTS
         args = training.training_args(config, checkpoints, len(encoded["train"]), "accuracy", precision)
         trainer = training.ClassifierTrainer(

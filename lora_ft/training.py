@@ -264,9 +264,11 @@ def trained_model(trainer: Trainer) -> Any:
 def fit(trainer: Trainer, resume_from: Path | None = None) -> None:
     """Train (from the checkpoint `resume_from`, if given) until every process has finished and loaded the best
     checkpoint. On SIGINT or SIGTERM, save a checkpoint at the step reached and raise `Interrupted`."""
-    if resume_from is not None and _finished(resume_from):
-        _restore(trainer, resume_from)
-        return
+    if resume_from is not None:
+        state = TrainerState.load_from_json(str(resume_from / TRAINER_STATE_NAME))
+        if state.global_step >= state.max_steps:  # training had finished; Trainer would train one step more
+            _restore(trainer, state, resume_from)
+            return
     stop = find_callback(trainer, StopOnSignal)
     with stop.catching_signals():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -277,15 +279,10 @@ def fit(trainer: Trainer, resume_from: Path | None = None) -> None:
         raise Interrupted(signum, trainer.state.global_step, Path(checkpoint) if checkpoint else None)
 
 
-def _finished(checkpoint: Path) -> bool:
-    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
-    return state.global_step >= state.max_steps
-
-
-def _restore(trainer: Trainer, checkpoint: Path) -> None:
-    """Where a run that finished training (and then failed) left off: its state, counts, and the best (else the
-    last) checkpoint's weights. Trainer itself, resumed at the last step, would train one step more."""
-    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+def _restore(trainer: Trainer, state: TrainerState, checkpoint: Path) -> None:
+    """Where a run that finished training (and then failed) left off: its `state` (read from `checkpoint`), counts,
+    and the best (else the last) checkpoint's weights."""
+    trainer.state = state
     tally = find_callback(trainer, Tally)
     for name, value in trainer.state.stateful_callbacks.get("Tally", {}).get("args", {}).items():
         setattr(tally, name, value)
