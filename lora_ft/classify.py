@@ -1,0 +1,257 @@
+"""Text classification (SMS spam vs. ham, or any labelled text): LoRA + a trained `score` head, HF Trainer."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from peft import TaskType, get_peft_model
+from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
+from transformers import (
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+
+from . import adapters, callbacks, data, files, models, plots, report, runs, training
+from .config import RunConfig, recorded_config
+from .errors import UserError
+
+# Inputs for merge's check when the adapter's own data file is gone (see `check_texts`).
+SAMPLE_TEXTS = [
+    "WINNER!! You have been selected to receive a £900 prize reward! Call now to claim.",
+    "Are we still on for dinner tonight? I'll be there at 7.",
+    "URGENT: your account is suspended. Reply with your PIN to unlock it.",
+    "Can you pick up some milk on the way home?",
+]
+
+
+@dataclass
+class Prediction:
+    text: str
+    label: str
+    score: float
+    truncated: bool = False  # longer than the adapter's max_length: labelled from its first max_length tokens
+
+
+def load_splits(
+    config: RunConfig, fractions: tuple[float, float, float] = data.CLASSIFICATION_FRACTIONS
+) -> tuple[Path, DatasetDict]:
+    """The data file, and its (balanced) train/val/test split fixed by `config.seed`."""
+    path = data.resolve_data_file(data.SMS_SPAM, config.data)
+    rows = data.read_labeled(path)
+    return path, data.classification_splits(rows, config.seed, config.balance, fractions, path)
+
+
+def tokenize(dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Any:
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    return dataset.map(encode, batched=True, remove_columns=["text"])
+
+
+def longer(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[bool]:
+    """Which texts are longer than `max_length` tokens: the model sees only their first `max_length`."""
+    return [len(ids) > max_length for ids in tokenizer(list(texts))["input_ids"]]
+
+
+def classification_metrics(labels: np.ndarray, logits: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """Accuracy, precision/recall/F1 (of label 1 for two classes, macro-averaged for more), loss, confusion."""
+    predictions = logits.argmax(-1)
+    ids = list(range(len(names)))
+    average = "binary" if len(names) == 2 else "macro"
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predictions, labels=ids, average=average, zero_division=0
+    )
+    probabilities = torch.softmax(torch.from_numpy(logits).double(), -1).numpy()
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "loss": float(log_loss(labels, probabilities, labels=ids)),
+        "positive_label": names[1] if average == "binary" else None,
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=ids).tolist(),
+        "examples": len(labels),
+    }
+
+
+def predict_logits(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, batch_size: int, desc: str = "scoring"
+) -> np.ndarray:
+    """Logits for every row of a tokenized dataset, in order (used at the end of training and by eval).
+    Rows run shortest first, so that a batch pads to similar lengths; the result is put back in order."""
+    order = _length_order(dataset)
+    rows = dataset.select(order).remove_columns([c for c in dataset.column_names if c == "label"])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_eval_batch_size=batch_size,
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=training.cpu_only(),
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            callbacks=[callbacks.PredictionProgress(desc)],
+        )
+        logits = _logits(trainer.predict(rows).predictions)
+    return logits[np.argsort(order)]
+
+
+def _logits(predictions: np.ndarray | tuple) -> np.ndarray:
+    """Trainer's predictions are a tuple when the model returns more than logits; logits come first."""
+    return predictions[0] if isinstance(predictions, tuple) else predictions
+
+
+def _scalar_metrics(labels: np.ndarray, predictions: np.ndarray | tuple, names: list[str]) -> dict[str, float]:
+    """What Trainer logs for each evaluation on val (and uses to pick the best epoch)."""
+    metrics = classification_metrics(labels, _logits(predictions), names)
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def _length_order(dataset: Dataset) -> np.ndarray:
+    return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+
+
+def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> training.TrainResult:
+    """Train a LoRA classifier and write its adapter folder; returns the folder, manifest and trained model."""
+    run = training.start("spam", config, overwrite, resume, load_splits, _new_base)
+    config, tokenizer, splits = run.config, run.tokenizer, run.splits
+    names = splits["train"].features["label"].names
+    model = get_peft_model(run.base, models.lora_config(run.base, TaskType.SEQ_CLS, config))
+    encoded = tokenize(splits, tokenizer, config.max_length)
+
+    with training.run_folder(run, overwrite, resume) as tmp:
+        args = training.training_args(config, tmp / runs.CHECKPOINTS, len(encoded["train"]), "accuracy", run.precision)
+        trainer = training.ClassifierTrainer(
+            model=model,
+            args=args,
+            train_dataset=encoded["train"],
+            eval_dataset=encoded["val"].select(_length_order(encoded["val"])),  # less padding, same metrics
+            data_collator=DataCollatorWithPadding(tokenizer),
+            processing_class=tokenizer,
+            compute_metrics=lambda p: _scalar_metrics(p.label_ids, p.predictions, names),
+        )
+        training.fit(trainer, resume)
+        model = training.trained_model(trainer)
+        metrics = {  # every process takes part: Trainer.predict shares the rows out and gathers the logits
+            split: classification_metrics(
+                np.array(encoded[split]["label"]),
+                predict_logits(model, tokenizer, encoded[split], config.eval_batch_size, f"scoring {split}"),
+                names,
+            )
+            for split in data.SPLITS
+        }
+        truncated = {split: sum(longer(splits[split]["text"], tokenizer, config.max_length)) for split in data.SPLITS}
+        fractions = list(data.CLASSIFICATION_FRACTIONS)
+        described = {"balanced": config.balance, "fractions": fractions, "truncated": truncated}
+        labels = {name: i for i, name in enumerate(names)}
+        manifest = training.manifest(run, trainer, model, described, metrics, labels=labels)
+        training.save(run, tmp, model, manifest, trainer)
+        if run.processes.is_main_process:
+            title = f"test split, accuracy {metrics['test']['accuracy']:.1%}"
+            plots.plot_confusion(metrics["test"]["confusion_matrix"], names, tmp / "confusion_matrix.png", title)
+    return training.TrainResult(run.output, manifest, model)
+
+
+def _new_base(
+    source: models.ModelSource, tokenizer: Any, splits: DatasetDict, config: RunConfig, precision: str
+) -> Any:
+    """The classifier to train: a new head for the split's labels. GPT-2's classifier takes **kwargs but ignores
+    num_items_in_batch (its loss is its own batch's mean): without `accepts_loss_kwargs = False`, Trainer multiplies
+    that loss by the number of processes (logged loss and gradients N times too large)."""
+    names = splits["train"].features["label"].names
+    base = models.load_classifier_base(source, tokenizer, names, config.quantize, precision)
+    base.accepts_loss_kwargs = False
+    return base
+
+
+def _label_names(manifest: dict[str, Any]) -> list[str]:
+    """Label names in id order, from the manifest's name -> id map."""
+    return sorted(manifest["labels"], key=manifest["labels"].get)
+
+
+def load_base(
+    source: models.ModelSource,
+    tokenizer: PreTrainedTokenizerBase,
+    manifest: dict[str, Any],
+    quantize: str | None,
+    precision: str,
+) -> Any:
+    """The classifier base an adapter goes on: its label names from the manifest, a new (untrained) head."""
+    return models.load_classifier_base(source, tokenizer, _label_names(manifest), quantize, precision)
+
+
+def load(
+    adapter: str | Path, base: models.ModelSource | None = None, force: bool = False, full_precision: bool = False
+) -> adapters.Loaded:
+    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
+    adapter goes on its base quantised as in training, or in float32 with `full_precision`."""
+    return adapters.load_with_base(adapter, "spam", load_base, base, force, full_precision)
+
+
+def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Prediction]:
+    loaded = load(adapter, force=force)
+    model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
+    names = _label_names(manifest)
+    max_length = manifest["config"]["max_length"]
+    encoded = tokenize(Dataset.from_dict({"text": texts}), tokenizer, max_length)
+    logits = predict_logits(model, tokenizer, encoded, batch_size, "classifying")
+    probabilities = torch.softmax(torch.from_numpy(logits), -1)
+    best = probabilities.max(-1)
+    cut = longer(texts, tokenizer, max_length)
+    return [
+        Prediction(text, names[i], float(p), c)
+        for text, i, p, c in zip(texts, best.indices.tolist(), best.values.tolist(), cut, strict=True)
+    ]
+
+
+def evaluate(adapter: str | Path, force: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rebuild the adapter's test split from its manifest and recompute the test metrics.
+    Returns (recomputed test metrics, manifest)."""
+    manifest = adapters.read_manifest(adapter)
+    config = recorded_config(manifest)
+    data_path, splits = load_splits(config, tuple(manifest["data"]["fractions"]))
+    if files.sha256_file(data_path) != manifest["data"]["sha256"]:
+        raise UserError(f"{data_path}: not the data this adapter was trained on (sha256 differs from the manifest)")
+    sizes = {split: len(splits[split]) for split in data.SPLITS}
+    if sizes != manifest["data"]["split_sizes"]:
+        raise UserError(f"{adapter}: rebuilt split sizes {sizes} differ from the manifest's")
+    loaded = load(adapter, force=force)
+    names = splits["test"].features["label"].names
+    test = tokenize(splits["test"], loaded.tokenizer, config.max_length)
+    logits = predict_logits(loaded.model, loaded.tokenizer, test, config.eval_batch_size, "scoring test")
+    return classification_metrics(np.array(test["label"]), logits, names), manifest
+
+
+def matches_manifest(metrics: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    """Whether recomputed test metrics (`evaluate`) are the ones the manifest recorded."""
+    recorded = manifest["metrics"]["test"]
+    return all(metrics[k] == recorded.get(k) for k in (*report.METRIC_COLUMNS, "confusion_matrix"))
+
+
+def check_texts(manifest: dict[str, Any], count: int) -> list[str]:
+    """The first `count` texts of the adapter's test split, rebuilt from its manifest."""
+    test = load_splits(recorded_config(manifest), tuple(manifest["data"]["fractions"]))[1]["test"]
+    return test["text"][:count]
+
+
+def summary(manifest: dict[str, Any], folder: Path) -> list[str]:
+    """A finished run for a person: the metrics of each split, how it trained, what was truncated, where it is."""
+    training, config = manifest["training"], manifest["config"]
+    best = f"best val accuracy {training['best_val_accuracy']:.4f} at step {training['best_step']}"
+    lines = [report.metrics_table(manifest["metrics"]), f"{report.trained(training)}; {best}"]
+    truncated = manifest["data"]["truncated"]
+    if any(truncated.values()):
+        lines.append(f"longer than --max-length {config['max_length']} tokens, truncated to it: {truncated}")
+    return [*lines, f"adapter: {folder}"]

@@ -1,0 +1,131 @@
+"""Bottom layer: atomic writes, hashing, lora_ft's cache folder, the files shipped with the package, and whether the
+Hugging Face Hub can be reached. Imports nothing of lora_ft's but its errors."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import urllib.parse
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+CACHE_DIR_ENV = "LORA_FT_CACHE_DIR"
+ASSETS = Path(__file__).resolve().parent / "assets"
+GPT2_TOKENIZER = ASSETS / "gpt2_tokenizer"  # vocab.json + merges.txt (MIT), for tokenizer-only paths offline
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checked(path: Path, sha256: str) -> Path:
+    """`path`, after checking it hashes to `sha256`: a shipped or fetched file that was damaged is named, not used."""
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise UserError(f"{path}: damaged (sha256 {actual[:12]}..., expected {sha256[:12]}...); reinstall lora_ft")
+    return path
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_ft"
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """`value` as JSON at `path`, written beside it first and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or {} when it is missing, unreadable or not an object (for caches)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: no downloads from the Hub. Read on every call, unlike
+    huggingface_hub's constant, so that a caller may set it after import."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in ("1", "on", "yes", "true")
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the Hub, instead of the client's minute of retries when there is no network."""
+    url = urllib.parse.urlsplit(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def hub_cached(repo_id: str, filenames: tuple[str, ...] = ("config.json",)) -> bool:
+    """Whether the Hub cache holds these files of `repo_id` (no network). The cache folder is read from the
+    environment on every call ($HF_HUB_CACHE, else $HF_HOME/hub), like `offline`."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    folder = os.environ.get("HF_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else constants.HF_HUB_CACHE
+    )
+    return all(isinstance(try_to_load_from_cache(repo_id, name, cache_dir=folder), str) for name in filenames)
+
+
+def check_output_free(output: Path, overwrite: bool = False) -> None:
+    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"{output}: already exists; choose another --output or pass --overwrite")
+
+
+@contextlib.contextmanager
+def staged(output: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `output`; on success it replaces `output` in one rename, on any error it is
+    removed and `output` (if it existed) is left as it was."""
+    check_output_free(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{int(time.time())}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_folder(output, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(output: Path, tmp: Path) -> None:
+    """`tmp` renamed to `output`; an `output` already there is swapped out in the same step, then removed."""
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, output)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,46 @@
+"""The PNGs an adapter folder holds: train/val loss, and the test confusion matrix of a classifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot() -> Any:
+    """pyplot on the file-only Agg backend (no display needed), imported only when a plot is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
+    """Train loss per logging step and val loss per evaluation, against epochs."""
+    plt = _pyplot()
+    train = [(e["epoch"], e["loss"]) for e in log_history if "loss" in e and "epoch" in e]
+    val = [(e["epoch"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for points, label, style in ((train, "train", "-"), (val, "val", "o--")):
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="train and val loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay(np.array(matrix), display_labels=labels).plot(ax=ax, colorbar=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""Tables and text for people: the CLI prints what these return. Nothing here reads files or runs models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .adapters import Listed
+
+METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "loss")
+
+
+def metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
+    lines = ["split  " + "".join(f"{c:>11}" for c in METRIC_COLUMNS) + "   n"]
+    for split, values in metrics.items():
+        row = "".join(f"{values[c]:>11.4f}" for c in METRIC_COLUMNS)
+        lines.append(f"{split:<7}{row}   {values['examples']}")
+    return "\n".join(lines)
+
+
+def trained(training: dict[str, Any]) -> str:
+    """How a run trained: steps, time, precision, the share of real (not padding) tokens, processes."""
+    share = training["tokens"]["real_share"]
+    processes = f", {training['world_size']} processes" if training["world_size"] > 1 else ""
+    tokens = f", {share:.0%} of tokens real" if share else ""
+    how = f"{training['precision']}{tokens}{processes}"
+    return f"trained {training['steps']} steps in {training['seconds']:.1f} s ({how})"
+
+
+def instruct_table(metrics: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        f"{'test, n=' + str(metrics['test']['examples']):<16}{'loss':>9}{'perplexity':>12}{'ROUGE-L':>9}{'EOS':>7}"
+    ]
+    for key, name in (("test_base", "untuned base"), ("test", "tuned")):
+        m = metrics[key]
+        lines.append(f"{name:<16}{m['loss']:>9.4f}{m['perplexity']:>12.2f}{m['rouge_l']:>9.4f}{m['eos_share']:>7.0%}")
+    return "\n".join(lines)
+
+
+def size(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} GB"
+
+
+def readable(value: Any, indent: int = 0) -> list[str]:
+    """A manifest as indented `key: value` lines; short lists inline, floats to 4 significant digits."""
+    pad = "  " * indent
+    lines = []
+    for key, item in value.items():
+        if key == "log_history":
+            lines.append(f"{pad}{key}: {len(item)} entries (see --json)")
+        elif isinstance(item, dict) and item:
+            lines.append(f"{pad}{key}:")
+            lines += readable(item, indent + 1)
+        else:
+            lines.append(f"{pad}{key}: {scalar(item)}")
+    return lines
+
+
+def scalar(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(scalar, value)) + "]"
+    return "-" if value is None or value == {} else str(value)
+
+
+def bench_table(report: dict[str, Any]) -> str:
+    columns = ("s/epoch", "real tok/s", "GFLOP/s", "peak RSS", "steps timed")
+    lines = [f"{'setup':<9}" + "".join(f"{c:>13}" for c in columns) + "  what"]
+    for name, r in report["setups"].items():
+        timed = f"{r['steps_timed']}{'' if r['epoch_measured_whole'] else '*'}"
+        values = (
+            f"{r['seconds_per_epoch']:.1f}",
+            f"{r['real_tokens_per_second']:.0f}",
+            f"{r['gflops_per_second']:.1f}",
+            size(r["peak_rss_bytes"]),
+            timed,
+        )
+        row = "".join(f"{v:>13}" for v in values)
+        lines.append(f"{name:<9}{row}  {r['description']} ({r['precision_run']})")
+    return "\n".join(lines)
+
+
+def listing(found: list[Listed]) -> list[str]:
+    """`adapters`: a table of the folders found, then a line for each unreadable or interrupted one."""
+    rows = [("path", "kind", "task", "base", "created (UTC)", "test metric", "size")]  # interrupted: when started
+    for listed in found:
+        metric = f"{listed.metric} {listed.value:.4f}" if listed.value is not None else "-"
+        created = (listed.created or "-").replace("T", " ")[:16]
+        base, task = listed.base or "?", listed.task or "?"
+        rows.append((listed.path, listed.kind, task, base, created, metric, size(listed.size_bytes)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    for listed in found:
+        if listed.problem:
+            lines.append(f"unreadable: {listed.problem}")
+        elif listed.kind == "interrupted":
+            lines.append(f"interrupted: resume with python -m lora_ft {listed.task} --resume {listed.path}")
+    return lines
+
+
+def inspection(listed: Listed, manifest: dict[str, Any]) -> list[str]:
+    """`inspect`: what the folder is, its key metric, its manifest readably, its files with their sizes."""
+    folder = Path(listed.path)
+    kind = "merged export" if listed.kind == "merged" else "adapter"
+    lines = [f"{folder}: {manifest.get('task')} {kind}, {size(listed.size_bytes)}"]
+    if listed.value is not None:
+        lines.append(f"test {listed.metric}: {listed.value:.4f}")
+    lines += [*readable(manifest), "files:"]
+    return lines + [f"  {f.name}  {size(f.stat().st_size)}" for f in sorted(folder.iterdir()) if f.is_file()]

@@ -1,0 +1,72 @@
+"""The tasks lora_ft trains. Each is one module behind one interface (`TaskModule`), named here with the few facts
+that commands which only read JSON (the listing) need without importing it. The CLI, merge, the listing and the
+config ask the task instead of comparing names: adding a task is its module and one entry in TASKS."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .adapters import Loaded
+    from .config import RunConfig
+    from .training import TrainResult
+
+
+class TaskModule(Protocol):
+    """What a task's module provides."""
+
+    SAMPLE_TEXTS: list[str]  # inputs for the merge check when the adapter's own data file is gone
+
+    def train(self, config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> TrainResult: ...
+
+    def load(self, adapter: str | Path, base: Any = None, force: bool = False, full_precision: bool = False) -> Loaded:
+        """The adapter on its base, in eval mode."""
+
+    def check_texts(self, manifest: dict[str, Any], count: int) -> list[str]:
+        """The first `count` inputs of the adapter's own test split, as the model reads them."""
+
+    def summary(self, manifest: dict[str, Any]) -> list[str]:
+        """The lines that report a finished run to a person."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # the command, and `task` in recipes and manifests
+    module: str  # the module that implements it (a TaskModule), imported only when it is used
+    help: str  # one line, for the command list
+    key_metric: str  # the test metric shown for an adapter (listing, inspect)
+    model_class: str  # the transformers Auto class of its base, and of a merged export
+
+    def code(self) -> TaskModule:
+        return importlib.import_module(self.module)  # type: ignore[return-value]
+
+
+TASKS = {
+    "spam": Task(
+        "spam",
+        "lora_ft.classify",
+        "train a LoRA text classifier (SMS spam vs. ham by default)",
+        "accuracy",
+        "AutoModelForSequenceClassification",
+    ),
+    "instruct": Task(
+        "instruct",
+        "lora_ft.instruct",
+        "instruction-tune with LoRA (TRL SFTTrainer)",
+        "rouge_l",
+        "AutoModelForCausalLM",
+    ),
+}
+NAMES = tuple(TASKS)
+
+
+def get(name: Any, where: str = "task") -> Task:
+    """The task called `name`; `where` names what gave it, in the error."""
+    if name not in TASKS:
+        raise UserError(f"{where}: unknown task {name!r} (known: {', '.join(NAMES)})")
+    return TASKS[name]
