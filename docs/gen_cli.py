@@ -37,9 +37,10 @@ HEADER = """\
      `python docs/gen_cli.py` (tests/test_readme.py fails when this page and the parser differ). -->
 
 `python -m lora_ft COMMAND [ARGUMENTS] [FLAGS]`; `lora-ft` is the same program. Every command also takes
-`-h`/`--help`. A training command's flags override its recipe (`--config`, else `recipes/<task>.yaml`); the
-defaults shown for them are the built-in ones, which equal `recipes/<task>.yaml`. Exit codes and what to do
-when a command fails: [troubleshooting.md](troubleshooting.md).
+`-h`/`--help`. A training command's flags override its recipe (`--config`, else `recipes/<task>.yaml`): a flag
+left out leaves the recipe's value, and the defaults its help names are the built-in ones, which
+`recipes/<task>.yaml` restates. Exit codes and what to do when a command fails:
+[troubleshooting.md](troubleshooting.md).
 """
 
 
@@ -72,13 +73,8 @@ def _shown(value: Any) -> str:
     return str(value) if value != "" else '""'
 
 
-def _default(action: argparse.Action, recipe: dict[str, Any]) -> str:
-    if action.dest in recipe:
-        value = recipe[action.dest]
-    elif action.nargs == 0 and action.default is False:
-        return "off"
-    else:
-        value = action.default
+def _default(action: argparse.Action) -> str:
+    value = action.default
     if value is None or value is argparse.SUPPRESS:
         return ""
     if isinstance(value, bool):
@@ -89,13 +85,6 @@ def _default(action: argparse.Action, recipe: dict[str, Any]) -> str:
 def _positional(action: argparse.Action) -> str:
     name = (action.metavar or action.dest).upper()
     return {"?": f"[{name}]", "*": f"[{name} ...]", "+": f"{name} [{name} ...]"}.get(action.nargs, name)
-
-
-def _recipe_defaults(name: str) -> dict[str, Any]:
-    """The built-in defaults of a training command (a key per recipe entry), else nothing."""
-    from lora_ft import config
-
-    return config.task_defaults(name) if name in config.TASKS else {}
 
 
 def _command(name: str, help_text: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -109,12 +98,11 @@ def _command(name: str, help_text: str, parser: argparse.ArgumentParser) -> list
         lines += ["| argument | what |", "| --- | --- |"]
         lines += [f"| `{_positional(a)}` | {_cell(_help(a))} |" for a in positionals]
         lines.append("")
-    recipe = _recipe_defaults(name)
     lines += ["| flag | takes | default | what |", "| --- | --- | --- | --- |"]
     for a in flags:
         flag = ", ".join(f"`{s}`" for s in a.option_strings)
         what = _cell(_help(a)) + (" (required)" if a.required else "")
-        lines.append(f"| {flag} | {_value(a)} | {_default(a, recipe)} | {what} |")
+        lines.append(f"| {flag} | {_value(a)} | {_default(a)} | {what} |")
     if name in SEE_ALSO:
         page, title = SEE_ALSO[name]
         lines += ["", f"More: [{title}]({page})."]

@@ -1,5 +1,5 @@
-"""The adapter folder: written atomically (temp dir, then rename), with its manifest and plots; read back with
-its base; listed."""
+"""The adapter folder: PEFT's adapter and the tokenizer saved apart from the base, the manifest (lora_ft.json) written
+and read, the adapter loaded back onto its base (checked to be the one it was trained on), and the listing."""
 
 from __future__ import annotations
 

@@ -101,15 +101,17 @@ class StopOnSignal(TrainerCallback):
 class PredictionProgress(TrainerCallback):
     """A bar over the batches of an evaluation or prediction run by Trainer (`desc` names it)."""
 
-    def __init__(self, desc: str) -> None:
-        self.desc, self.bar = desc, None
+    def __init__(self, desc: str, transient: bool = False) -> None:
+        self.desc, self.bar, self.transient = desc, None, transient
 
     def on_prediction_step(self, args: Any, state: Any, control: Any, eval_dataloader: Any = None, **_: Any) -> None:
         if not state.is_world_process_zero:
             return
         if self.bar is None:
             total = len(eval_dataloader) if eval_dataloader is not None else None
-            self.bar = progress.bar(total=total, desc=self.desc, unit="batch", hidden=total == 1)
+            self.bar = progress.bar(
+                total=total, desc=self.desc, unit="batch", hidden=total == 1, transient=self.transient
+            )
         self.bar.update(1)
 
     def close(self) -> None:
@@ -129,7 +131,7 @@ class ShowProgress(PredictionProgress):
     over each evaluation, and a line with each evaluation's figures. Only the main process shows them."""
 
     def __init__(self) -> None:
-        super().__init__("evaluating on val")
+        super().__init__("evaluating on val", transient=True)  # the line with its figures stays instead
         self.steps: Any = None
         self.loss: float | None = None
 

@@ -248,10 +248,8 @@ def check_texts(manifest: dict[str, Any], count: int) -> list[str]:
 
 def summary(manifest: dict[str, Any], folder: Path) -> list[str]:
     """A finished run for a person: the metrics of each split, how it trained, what was truncated, where it is."""
-    training, config = manifest["training"], manifest["config"]
-    best = f"best val accuracy {training['best_val_accuracy']:.4f} at step {training['best_step']}"
-    lines = [report.metrics_table(manifest["metrics"]), f"{report.trained(training)}; {best}"]
-    truncated = manifest["data"]["truncated"]
+    lines = [report.metrics_table(manifest["metrics"]), report.trained(manifest["training"])]
+    truncated, limit = manifest["data"]["truncated"], manifest["config"]["max_length"]
     if any(truncated.values()):
-        lines.append(f"longer than --max-length {config['max_length']} tokens, truncated to it: {truncated}")
+        lines.append(f"longer than --max-length {limit} tokens, truncated to it: {truncated}")
     return [*lines, f"adapter: {folder}"]

@@ -338,10 +338,8 @@ def check_texts(manifest: dict[str, Any], count: int) -> list[str]:
 def summary(manifest: dict[str, Any], folder: Path) -> list[str]:
     """A finished run for a person: tuned against untuned on the test examples, how it trained, what was left out,
     where it is."""
-    training, config = manifest["training"], manifest["config"]
-    best = f"best val loss {training['best_val_loss']:.4f} at step {training['best_step']}"
-    lines = [report.instruct_table(manifest["metrics"]), f"{report.trained(training)}; {best}"]
-    dropped = manifest["data"]["dropped_longer_than_max_length"]
+    lines = [report.instruct_table(manifest["metrics"]), report.trained(manifest["training"])]
+    dropped, limit = manifest["data"]["dropped_longer_than_max_length"], manifest["config"]["max_length"]
     if any(dropped.values()):
-        lines.append(f"longer than --max-length {config['max_length']} tokens, left out: {dropped}")
+        lines.append(f"longer than --max-length {limit} tokens, left out: {dropped}")
     return [*lines, f"adapter: {folder}  (responses: {folder / RESPONSES})"]

@@ -18,7 +18,7 @@ _stream: TextIO | None = None  # None: sys.stderr as it is when written to (a te
 
 
 def enable(mode: str = "auto", stream: TextIO | None = None) -> None:
-    """"auto": bars on a terminal, lines elsewhere; or "bars", "lines", "off". Output goes to `stream` (stderr)."""
+    """ "auto": bars on a terminal, lines elsewhere; or "bars", "lines", "off". Output goes to `stream` (stderr)."""
     global _mode, _stream
     _stream = stream
     _mode = ("bars" if _out().isatty() else "lines") if mode == "auto" else mode
@@ -62,11 +62,21 @@ def bar(
     unit: str = "it",
     initial: int = 0,
     hidden: bool = False,
+    transient: bool = False,
 ) -> Any:
     """A progress bar (tqdm's interface: update, set_postfix_str, close, a context manager, iteration); `hidden` for
-    steps too short to be worth one."""
+    steps too short to be worth one; a `transient` bar leaves the terminal's screen when it closes."""
     if _mode == "bars" and not hidden:
-        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, file=_out(), dynamic_ncols=True)
+        return tqdm(
+            iterable,
+            total=total,
+            desc=desc,
+            unit=unit,
+            initial=initial,
+            file=_out(),
+            dynamic_ncols=True,
+            leave=not transient,
+        )
     return _Lines(iterable, total, desc, unit, initial, quiet=_mode == "off" or hidden)
 
 

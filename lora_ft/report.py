@@ -20,12 +20,17 @@ def metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
 
 
 def trained(training: dict[str, Any]) -> str:
-    """How a run trained: steps, time, precision, the share of real (not padding) tokens, processes."""
+    """How a run trained: steps, time, precision, the share of real (not padding) tokens, processes, and the step
+    it kept (the best by its val metric: the manifest's `best_val_<metric>`)."""
     share = training["tokens"]["real_share"]
     processes = f", {training['world_size']} processes" if training["world_size"] > 1 else ""
     tokens = f", {share:.0%} of tokens real" if share else ""
     how = f"{training['precision']}{tokens}{processes}"
-    return f"trained {training['steps']} steps in {training['seconds']:.1f} s ({how})"
+    line = f"trained {training['steps']} steps in {training['seconds']:.1f} s ({how})"
+    for key, value in training.items():
+        if key.startswith("best_val_") and value is not None:
+            line += f"; best val {key.removeprefix('best_val_')} {value:.4f} at step {training['best_step']}"
+    return line
 
 
 def instruct_table(metrics: dict[str, dict[str, Any]]) -> str:

@@ -301,7 +301,8 @@ def test_a_crash_keeps_the_previous_adapter_and_the_checkpoints(
     existing = tmp_path / "adapter"
     shutil.copytree(spam_run[0].adapter_dir, existing)
     before = tree_sha256(existing)
-    argv = ["spam", "--model", str(tiny_gpt2), "--output", str(existing), "--max-steps", "20", "--overwrite"]
+    # --quiet: stderr holds only what the crash prints (progress lines would come first otherwise)
+    argv = ["spam", "--model", str(tiny_gpt2), "--output", str(existing), "--max-steps", "20", "--overwrite", "--quiet"]
 
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk on fire")

@@ -202,8 +202,8 @@ def test_user_csv_with_own_labels(tiny_gpt2: Path, tmp_path: Path):
     assert not [line for line in done.stderr.splitlines() if line.lstrip().startswith("{")]
     evaluations = [line for line in done.stderr.splitlines() if line.startswith("epoch ")]
     assert len(evaluations) == 4 and all("train loss" in e and "val accuracy" in e for e in evaluations), done.stderr
-    assert evaluations[0].startswith("epoch 1.00/4, step 6: ")
-    assert any(line.startswith("training: 100% 24/24 [") for line in done.stderr.splitlines()), done.stderr
+    assert evaluations[0].startswith("epoch 1.00/4, step 5: ")  # 33 training rows, batches of 8
+    assert any(line.startswith("training: 100% 20/20 [") for line in done.stderr.splitlines()), done.stderr
     labels = {p.label for p in spam.predict(tmp_path / "mail", ["see you sunday", "invoice attached"])}
     assert labels <= {"family", "work"}
 
@@ -220,5 +220,6 @@ def test_eval_refuses_changed_data(tiny_gpt2: Path, tmp_path: Path, capsys):
     spam.train(config)
     with open(data_copy, "a") as f:
         f.write("spam\tone more line\n")
+    capsys.readouterr()  # what training printed; the assertion is on what `eval` prints
     assert cli.main(["eval", str(tmp_path / "a")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {data_copy}: not the data this adapter was trained on")
