@@ -4,7 +4,6 @@ and read, the adapter loaded back onto its base (checked to be the one it was tr
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import tasks
 from .errors import UserError
+from .manifest import FILENAME, Manifest
 from .runs import ADAPTERS_DIR, PARTIAL, RUN_RECORD, output_of, read_run_record
 from .runs import find_run as find_run  # the Python API's name for it, from before runs.py
 
 if TYPE_CHECKING:
     pass
 
-MANIFEST = "lora_ft.json"
+MANIFEST = FILENAME
 _PACKAGES = ("lora_ft", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes")
 
 
@@ -45,35 +45,18 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    manifest.write(folder)
 
 
-def read_manifest(folder: str | Path, adapter: bool = True) -> dict[str, Any]:
+def read_manifest(folder: str | Path, adapter: bool = True) -> Manifest:
     """The folder's manifest. With `adapter`, the folder must also hold PEFT's adapter (not a merged export)."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise UserError(f"{folder}: adapter folder not found")
-    if not path.is_file():
-        raise UserError(f"{folder}: not a lora_ft adapter folder (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: a manifest is a JSON object, got {type(manifest).__name__}")
-    if adapter and not (folder / "adapter_config.json").is_file():
-        if "merge" in manifest:
+    manifest = Manifest.read(folder)
+    if adapter and not (Path(folder) / "adapter_config.json").is_file():
+        if manifest.merge is not None:
             raise UserError(f"{folder}: a merged export, not an adapter (load it with transformers directly)")
         raise UserError(f"{folder}: adapter_config.json is missing")
     return manifest
-
-
-def _quantization_as_trained(manifest: dict[str, Any]) -> tuple[str | None, str]:
-    """(quantize, precision) the adapter was trained with, to load its base the same way; (None, "fp32") for
-    adapters from before QLoRA."""
-    return manifest["config"].get("quantize"), manifest.get("training", {}).get("precision", "fp32")
 
 
 @dataclass
@@ -83,7 +66,7 @@ class Loaded:
 
     model: Any
     tokenizer: Any
-    manifest: dict[str, Any]
+    manifest: Manifest
     base: dict[str, Any]
     base_mismatches: list[str]
 
@@ -106,18 +89,18 @@ def load_with_base(
     from .models import base_mismatches, describe_base, source_from_manifest
 
     manifest = read_manifest(adapter)
-    if manifest.get("task") != task:
-        raise UserError(f"{adapter}: a '{manifest.get('task')}' adapter, not a {task} one")
+    if manifest.task != task:
+        raise UserError(f"{adapter}: a '{manifest.task}' adapter, not a {task} one")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    source = source or source_from_manifest(manifest["base"])
-    quantize, precision = (None, "fp32") if full_precision else _quantization_as_trained(manifest)
+    source = source or source_from_manifest(manifest.base)
+    quantize, precision = (None, "fp32") if full_precision else manifest.as_trained
     base = load_base(source, tokenizer, manifest, quantize, precision)
     info = describe_base(source, base)
-    mismatches = base_mismatches(manifest["base"], info)
+    mismatches = base_mismatches(manifest.base, info)
     if mismatches and not force:
         raise UserError(
             f"{adapter}: {source.spec} is not the base it was trained on ({'; '.join(mismatches)}); "
-            "pass --force to use it anyway"
+            "pass `force` to use it anyway"
         )
     try:
         model = PeftModel.from_pretrained(base, adapter).eval()
@@ -165,14 +148,14 @@ def describe_folder(folder: Path) -> Listed:
     listed.size_bytes = folder_size(folder)
     try:
         manifest = read_manifest(folder, adapter=False)
-        merge = manifest.get("merge")
+        merge = manifest.merge
         if merge and listed.kind == "?":
             listed.kind = "merged"
-        task = manifest["task"]
+        task = manifest.task
         listed.task, listed.metric = task, tasks.TASKS[task].key_metric if task in tasks.TASKS else None
-        listed.created = (merge or manifest).get("created")
-        listed.base = base_name((merge or manifest)["base"])
-        listed.value = manifest.get("metrics", {}).get("test", {}).get(listed.metric)
+        listed.created = merge.get("created") if merge else manifest.created
+        listed.base = base_name(merge["base"] if merge else manifest.base)
+        listed.value = manifest.test_metric(listed.metric)
     except UserError as e:
         listed.problem = str(e)
     except (KeyError, TypeError, AttributeError) as e:

@@ -119,7 +119,7 @@ def load_tokenizer(spec: str | None) -> PreTrainedTokenizerBase:
     try:
         return models.load_tokenizer(source)
     except UserError as e:
-        raise UserError(f"--tokenizer {spec}: {e}; pass --tokenizer FOLDER with the GPT-2 tokenizer files") from None
+        raise UserError(f"`tokenizer` {spec}: {e}; pass `tokenizer` FOLDER with the GPT-2 tokenizer files") from None
 
 
 def measure(

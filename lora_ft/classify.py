@@ -20,8 +20,9 @@ from transformers import (
 )
 
 from . import adapters, callbacks, data, files, models, plots, report, runs, training
-from .config import RunConfig, recorded_config
+from .config import RunConfig
 from .errors import UserError
+from .manifest import Manifest
 
 # Inputs for merge's check when the adapter's own data file is gone (see `check_texts`).
 SAMPLE_TEXTS = [
@@ -176,20 +177,15 @@ def _new_base(
     return base
 
 
-def _label_names(manifest: dict[str, Any]) -> list[str]:
-    """Label names in id order, from the manifest's name -> id map."""
-    return sorted(manifest["labels"], key=manifest["labels"].get)
-
-
 def load_base(
     source: models.ModelSource,
     tokenizer: PreTrainedTokenizerBase,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     quantize: str | None,
     precision: str,
 ) -> Any:
     """The classifier base an adapter goes on: its label names from the manifest, a new (untrained) head."""
-    return models.load_classifier_base(source, tokenizer, _label_names(manifest), quantize, precision)
+    return models.load_classifier_base(source, tokenizer, manifest.label_names, quantize, precision)
 
 
 def load(
@@ -203,8 +199,8 @@ def load(
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Prediction]:
     loaded = load(adapter, force=force)
     model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
-    names = _label_names(manifest)
-    max_length = manifest["config"]["max_length"]
+    names = manifest.label_names
+    max_length = manifest.run_config.max_length
     encoded = tokenize(Dataset.from_dict({"text": texts}), tokenizer, max_length)
     logits = predict_logits(model, tokenizer, encoded, batch_size, "classifying")
     probabilities = torch.softmax(torch.from_numpy(logits), -1)
@@ -216,16 +212,16 @@ def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: 
     ]
 
 
-def evaluate(adapter: str | Path, force: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate(adapter: str | Path, force: bool = False) -> tuple[dict[str, Any], Manifest]:
     """Rebuild the adapter's test split from its manifest and recompute the test metrics.
     Returns (recomputed test metrics, manifest)."""
     manifest = adapters.read_manifest(adapter)
-    config = recorded_config(manifest)
-    data_path, splits = load_splits(config, tuple(manifest["data"]["fractions"]))
-    if files.sha256_file(data_path) != manifest["data"]["sha256"]:
+    config = manifest.run_config
+    data_path, splits = load_splits(config, manifest.fractions)
+    if files.sha256_file(data_path) != manifest.data["sha256"]:
         raise UserError(f"{data_path}: not the data this adapter was trained on (sha256 differs from the manifest)")
     sizes = {split: len(splits[split]) for split in data.SPLITS}
-    if sizes != manifest["data"]["split_sizes"]:
+    if sizes != manifest.data["split_sizes"]:
         raise UserError(f"{adapter}: rebuilt split sizes {sizes} differ from the manifest's")
     loaded = load(adapter, force=force)
     names = splits["test"].features["label"].names
@@ -234,22 +230,22 @@ def evaluate(adapter: str | Path, force: bool = False) -> tuple[dict[str, Any], 
     return classification_metrics(np.array(test["label"]), logits, names), manifest
 
 
-def matches_manifest(metrics: dict[str, Any], manifest: dict[str, Any]) -> bool:
+def matches_manifest(metrics: dict[str, Any], manifest: Manifest) -> bool:
     """Whether recomputed test metrics (`evaluate`) are the ones the manifest recorded."""
-    recorded = manifest["metrics"]["test"]
+    recorded = manifest.metrics["test"]
     return all(metrics[k] == recorded.get(k) for k in (*report.METRIC_COLUMNS, "confusion_matrix"))
 
 
-def check_texts(manifest: dict[str, Any], count: int) -> list[str]:
+def check_texts(manifest: Manifest, count: int) -> list[str]:
     """The first `count` texts of the adapter's test split, rebuilt from its manifest."""
-    test = load_splits(recorded_config(manifest), tuple(manifest["data"]["fractions"]))[1]["test"]
+    test = load_splits(manifest.run_config, manifest.fractions)[1]["test"]
     return test["text"][:count]
 
 
-def summary(manifest: dict[str, Any], folder: Path) -> list[str]:
+def summary(manifest: Manifest, folder: Path) -> list[str]:
     """A finished run for a person: the metrics of each split, how it trained, what was truncated, where it is."""
-    lines = [report.metrics_table(manifest["metrics"]), report.trained(manifest["training"])]
-    truncated, limit = manifest["data"]["truncated"], manifest["config"]["max_length"]
+    lines = [report.metrics_table(manifest.metrics), report.trained(manifest.training)]
+    truncated, limit = manifest.data["truncated"], manifest.config["max_length"]
     if any(truncated.values()):
         lines.append(f"longer than --max-length {limit} tokens, truncated to it: {truncated}")
     return [*lines, f"adapter: {folder}"]

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import re
 import signal
 import sys
 import traceback
 import typing
-import warnings
 from pathlib import Path
 from typing import Any
 
 from . import progress, report, tasks
 from .config import RunConfig, settings, task_defaults
-from .errors import Interrupted, UserError
+from .errors import Interrupted, RunKept, UserError
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     for task in tasks.TASKS.values():
         _add_train_flags(commands.add_parser(task.name, help=task.help), task.name)
 
-
     generate = commands.add_parser("generate", help="answer instructions with an instruction-tuned adapter")
     _add_generation_flags(generate)
     generate.add_argument("--instruction", help="the instruction")
@@ -139,8 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given as flags (None: not given)."""
     return {field.name: getattr(args, field.name) for field in settings(args.command)}
-
-
 
 
 def _main_process() -> bool:
@@ -215,13 +211,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from . import spam
 
     metrics, manifest = spam.evaluate(args.adapter, args.force)
-    recorded = manifest["metrics"]["test"]
+    recorded = manifest.metrics["test"]
     same = spam.matches_manifest(metrics, manifest)
     if args.json:
         print(json.dumps({"test": metrics, "matches_manifest": same}, indent=2))
     else:
         print(report.metrics_table({"test": metrics}))
-        labels = list(manifest["labels"])
+        labels = manifest.label_names
         print(f"confusion matrix (rows: true {labels}, columns: predicted): {metrics['confusion_matrix']}")
         print("matches the manifest" if same else f"DIFFERS from the manifest: {recorded}")
     return 0 if same else 1
@@ -270,7 +266,7 @@ def run_chat(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     loaded = instruct.load(args.adapter, force=args.force)
     set_seed(args.seed)
-    limit = sampling.pop("max_new_tokens") or loaded.manifest["generation"]["max_new_tokens"]
+    limit = sampling.pop("max_new_tokens") or (loaded.manifest.generation or {})["max_new_tokens"]
     interactive = sys.stdin.isatty()
     while True:
         try:
@@ -290,7 +286,7 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.tolerance <= 0:
         raise UserError(f"--tolerance must be > 0, got {args.tolerance}")
     result = merge.merge(args.adapter, args.output, args.dtype, args.base, args.overwrite, args.force, args.tolerance)
-    section = result.manifest["merge"]
+    section = result.manifest.merge
     check = section["check"]
     for mismatch in section["base_mismatches_forced"]:
         print(f"warning: --force: base differs from the adapter's ({mismatch})", file=sys.stderr)
@@ -300,7 +296,7 @@ def run_merge(args: argparse.Namespace) -> int:
         f"{check['max_abs_logit_diff_float32']:.2e} in float32"
         + ("" if args.dtype == "float32" else f", {check['max_abs_logit_diff']:.2e} in {args.dtype}")
     )
-    auto = tasks.get(result.manifest["task"]).model_class
+    auto = tasks.get(result.manifest.task).model_class
     print(f'load it with transformers: {auto}.from_pretrained("{result.output}")')
     return 0
 
@@ -339,7 +335,8 @@ def run_bench(args: argparse.Namespace) -> int:
     machine = bench.machine()
     where = machine.get("gpu") or machine["cpu"]
     print(f"machine: {where}, {machine['cpu_threads']} threads, torch {machine['torch']}")
-    figures = bench.run(args.quick, args.tokenizer, args.data, args.seed, None if args.debug else _quiet_libraries)
+    quiet = None if args.debug else progress.quiet_libraries  # each setup runs in a fresh process, set up by this
+    figures = bench.run(args.quick, args.tokenizer, args.data, args.seed, quiet)
     print(report.bench_table(figures))
     if args.quick:
         print("* seconds per epoch extrapolated from the timed steps (fit of seconds against tokens per step)")
@@ -368,38 +365,60 @@ COMMANDS = {
 LIGHT_COMMANDS = {"adapters", "inspect"}
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import datasets
-    import huggingface_hub
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # weight loading; Trainer's own bars stay
-    datasets.disable_progress_bars()
-    huggingface_hub.utils.logging.set_verbosity_error()  # download retries; the one-line error says it all
-
-
 def _terminated(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
-def _how_to_resume(args: argparse.Namespace, error: BaseException) -> None:
-    """For a training run that stopped with checkpoints kept: where they are and the command that continues it."""
+def _how_to_resume(args: argparse.Namespace, folder: Path) -> None:
+    """For a training run that stopped with checkpoints kept in `folder`: where, and the command that continues it."""
     from . import runs
 
-    folder = getattr(error, "resume_folder", None)
-    if folder is not None:
-        output = runs.output_of(folder)
-        shown = os.path.relpath(output) if output.is_relative_to(Path.cwd()) else str(output)
-        print(f"checkpoints kept in {folder}", file=sys.stderr)
-        overwrite = " --overwrite" if getattr(args, "overwrite", False) else ""
-        launch = (
-            "python" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "<torchrun or accelerate launch, as before>"
-        )
-        print(f"resume with: {launch} -m lora_ft {args.command} --resume {shown}{overwrite}", file=sys.stderr)
+    output = runs.output_of(folder)
+    shown = os.path.relpath(output) if output.is_relative_to(Path.cwd()) else str(output)
+    print(f"checkpoints kept in {folder}", file=sys.stderr)
+    overwrite = " --overwrite" if getattr(args, "overwrite", False) else ""
+    launch = "python" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "<torchrun or accelerate launch, as before>"
+    print(f"resume with: {launch} -m lora_ft {args.command} --resume {shown}{overwrite}", file=sys.stderr)
+
+
+def _as_flags(message: str) -> str:
+    """A library message names settings as `name`; on the command line they are flags (--name). Only the names of
+    flags are rewritten: a value quoted in a message stays as it is."""
+    commands = build_parser()._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+    flags = {action.dest for sub in commands for action in sub._actions if action.option_strings}
+
+    def shown(name: re.Match) -> str:
+        return "--" + name[1].replace("_", "-") if name[1] in flags else name[0]
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", shown, message)
+
+
+def _stopped(args: argparse.Namespace, error: BaseException, kept: Path | None = None) -> int:
+    """The exit code for what stopped a command, once the person has been told (by the main process, except for an
+    internal error): one line, and for a run kept in `kept`, how to resume it. Called while `error` is handled."""
+    if isinstance(error, BrokenPipeError):  # the reader went away (`| head`): not an error; stop writing to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if isinstance(error, UserError):
+        if args.debug:
+            traceback.print_exc()
+        code, line, shown = error.code, f"error: {_as_flags(str(error))}", _main_process()
+    elif isinstance(error, (Interrupted, KeyboardInterrupt)):
+        interrupted = error if isinstance(error, Interrupted) else Interrupted(signal.SIGINT)
+        saved = f" at step {interrupted.step}, checkpoint saved" if interrupted.checkpoint else ""
+        code, line, shown = interrupted.code, f"interrupted by {interrupted.signal_name}{saved}", _main_process()
+    elif isinstance(error, Exception):
+        if args.debug:
+            traceback.print_exc()
+        why = f"{type(error).__name__}: {error}"
+        code, line, shown = 1, f"internal error: {why} (run again with --debug for the traceback)", True
+    else:
+        raise error  # SystemExit and the like
+    if shown:
+        print(line, file=sys.stderr)
+        if kept is not None:
+            _how_to_resume(args, kept)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,33 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     (stopped by SIGINT or SIGTERM)."""
     args = build_parser().parse_args(argv)
     if not args.debug and args.command not in LIGHT_COMMANDS:
-        _quiet_libraries()
+        progress.quiet_libraries()
     progress.show(quiet=args.quiet or not _main_process())
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
-    except UserError as e:
-        if args.debug:
-            traceback.print_exc()
-        if _main_process():
-            print(f"error: {e}", file=sys.stderr)
-            _how_to_resume(args, e)
-        return e.code
-    except (Interrupted, KeyboardInterrupt) as e:
-        interrupted = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
-        if _main_process():
-            saved = f" at step {interrupted.step}, checkpoint saved" if interrupted.checkpoint else ""
-            print(f"interrupted by {interrupted.signal_name}{saved}", file=sys.stderr)
-            _how_to_resume(args, e)
-        return interrupted.code
-    except BrokenPipeError:  # the reader went away (`| head`): not an error; stop writing to it
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except Exception as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
-        _how_to_resume(args, e)
-        return 1
+    except RunKept as kept:
+        return _stopped(args, kept.error, kept.folder)
+    except BaseException as e:
+        return _stopped(args, e)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -258,12 +258,3 @@ def gpt2_unavailable() -> str | None:
 
 def fallback_recipe(task: str) -> Path:
     return RECIPES_DIR / f"{task}-smollm2.yaml"
-
-
-def recorded_config(manifest: dict[str, Any]) -> RunConfig:
-    """The config an adapter was trained with (its manifest's), reading the data file it recorded if that is
-    still there."""
-    config = RunConfig(**manifest["config"])
-    recorded = Path(manifest["data"]["path"])
-    config.data = str(recorded) if recorded.is_file() else config.data
-    return config

@@ -59,7 +59,7 @@ def resolve_data_file(known: KnownDataset, path: str | None = None) -> Path:
         if p.is_file():
             return p.resolve()
     if not known.bundled.is_file():
-        raise UserError(f"{known.bundled}: missing from this installation of lora_ft; reinstall it or pass --data PATH")
+        raise UserError(f"{known.bundled}: missing from this installation of lora_ft; reinstall it or pass `data` PATH")
     return checked(known.bundled, known.sha256)
 
 

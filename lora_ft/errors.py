@@ -1,4 +1,5 @@
-"""The exceptions the CLI turns into exit codes: bad input (2) and an interrupted run (130 / 143)."""
+"""The exceptions the CLI turns into exit codes: bad input (2) and an interrupted run (130 / 143); and the one that
+says a stopped training run was kept for `--resume`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """Bad input, usage or environment. The CLI prints its message on one line and exits with `code`."""
+    """Bad input, usage or environment. The CLI prints its message on one line and exits with `code`. A message
+    names a setting as `name` (a RunConfig field or a function's argument); the CLI shows it as its flag, --name."""
 
     def __init__(self, message: str, code: int = 2):
         super().__init__(message)
@@ -24,3 +26,13 @@ class Interrupted(BaseException):
         self.step, self.checkpoint = step, checkpoint
         at = f" at step {step}, checkpoint {checkpoint}" if checkpoint else ""
         super().__init__(f"{self.signal_name}{at}")
+
+
+class RunKept(BaseException):
+    """A training run stopped by `error` (bad input found late, a signal, a crash) with its checkpoints kept in `folder`
+    (its `.partial` folder), so that `--resume` can continue it. Raised from `error`; a BaseException, like the
+    `Interrupted` it may carry."""
+
+    def __init__(self, folder: Path, error: BaseException):
+        super().__init__(f"{error} (checkpoints kept in {folder})")
+        self.folder, self.error = folder, error

@@ -98,7 +98,7 @@ def hub_cached(repo_id: str, filenames: tuple[str, ...] = ("config.json",)) -> b
 
 def check_output_free(output: Path, overwrite: bool = False) -> None:
     if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"{output}: already exists; choose another --output or pass --overwrite")
+        raise UserError(f"{output}: already exists; choose another `output` or pass `overwrite`")
 
 
 @contextlib.contextmanager

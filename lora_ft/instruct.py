@@ -16,8 +16,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from . import adapters, data, models, progress, report, runs, training
-from .config import RunConfig, recorded_config
+from .config import RunConfig
 from .errors import UserError
+from .manifest import Manifest
 
 RESPONSES = "test_responses.json"
 # Inputs for merge's check when the adapter's own data file is gone (see `check_texts`).
@@ -231,7 +232,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
     )
     if len(train_pairs) == 0 or len(val_pairs) == 0:
         split = "training" if len(train_pairs) == 0 else "val"
-        raise UserError(f"{run.data_path}: no {split} example fits in --max-length {config.max_length} tokens")
+        raise UserError(f"{run.data_path}: no {split} example fits in `max_length` {config.max_length} tokens")
 
     with training.run_folder(run, overwrite, resume) as tmp:
         checkpoints = tmp / runs.CHECKPOINTS
@@ -274,7 +275,7 @@ def _new_base(
 def load_base(
     source: models.ModelSource,
     tokenizer: PreTrainedTokenizerBase,
-    _: dict[str, Any],
+    _: Manifest,
     quantize: str | None,
     precision: str,
 ) -> PreTrainedModel:
@@ -292,9 +293,9 @@ def load(
 def check_sampling(max_new_tokens: int | None, temperature: float, top_p: float) -> dict[str, Any]:
     """Generation settings as `generate` takes them, checked."""
     if temperature < 0 or not 0 < top_p <= 1:
-        raise UserError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature}, {top_p}")
+        raise UserError(f"`temperature` must be >= 0 and `top_p` in (0, 1], got {temperature}, {top_p}")
     if max_new_tokens is not None and max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
+        raise UserError(f"`max_new_tokens` must be > 0, got {max_new_tokens}")
     return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
 
 
@@ -312,7 +313,7 @@ def respond(
     training template, or a ready `prompt`. Defaults (length, batch size) come from the adapter's manifest, so
     that greedy answers to its test examples reproduce test_responses.json."""
     loaded = load(adapter, force=force)
-    manifest = loaded.manifest
+    generation = loaded.manifest.generation or {}
     set_seed(seed)  # sampling only; greedy answers do not depend on it
     prompts = [
         r["prompt"] if "prompt" in r else data.format_prompt(r["instruction"], r.get("input", "")) for r in requests
@@ -321,25 +322,25 @@ def respond(
         loaded.model,
         loaded.tokenizer,
         prompts,
-        max_new_tokens or manifest["generation"]["max_new_tokens"],
-        batch_size or manifest["generation"]["batch_size"],
+        max_new_tokens or generation["max_new_tokens"],
+        batch_size or generation["batch_size"],
         temperature,
         top_p,
     )
 
 
-def check_texts(manifest: dict[str, Any], count: int) -> list[str]:
+def check_texts(manifest: Manifest, count: int) -> list[str]:
     """Prompt + reference response of the first `count` examples of the adapter's test split, rebuilt from its
     manifest."""
-    test = load_splits(recorded_config(manifest), tuple(manifest["data"]["fractions"]))[1]["test"]
+    test = load_splits(manifest.run_config, manifest.fractions)[1]["test"]
     return [row["prompt"] + row["output"] for row in test.select(range(min(count, len(test))))]
 
 
-def summary(manifest: dict[str, Any], folder: Path) -> list[str]:
+def summary(manifest: Manifest, folder: Path) -> list[str]:
     """A finished run for a person: tuned against untuned on the test examples, how it trained, what was left out,
     where it is."""
-    lines = [report.instruct_table(manifest["metrics"]), report.trained(manifest["training"])]
-    dropped, limit = manifest["data"]["dropped_longer_than_max_length"], manifest["config"]["max_length"]
+    lines = [report.instruct_table(manifest.metrics), report.trained(manifest.training)]
+    dropped, limit = manifest.data["dropped_longer_than_max_length"], manifest.config["max_length"]
     if any(dropped.values()):
         lines.append(f"longer than --max-length {limit} tokens, left out: {dropped}")
     return [*lines, f"adapter: {folder}  (responses: {folder / RESPONSES})"]

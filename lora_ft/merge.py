@@ -11,8 +11,8 @@ import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
 from . import adapters, files, models, tasks
-from .adapters import MANIFEST
 from .errors import UserError
+from .manifest import FILENAME, Manifest
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOLERANCE = 1e-4  # max abs logit difference allowed between the float32 merge and base + adapter
@@ -22,19 +22,18 @@ CHECK_FLOAT64_MAX_PARAMETERS = 1_000_000_000  # above, the float64 copy for the 
 @dataclass
 class MergeResult:
     output: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
-def check_texts(manifest: dict[str, Any], count: int = CHECK_EXAMPLES) -> tuple[list[str], str]:
+def check_texts(manifest: Manifest, count: int = CHECK_EXAMPLES) -> tuple[list[str], str]:
     """Inputs to compare the merged model on: the first test examples of the adapter's own split (rebuilt from its
     manifest by its task), or the task's sample texts when its data file is not there as it was. Also says which."""
-    task = tasks.get(manifest.get("task"), str(MANIFEST)).code()
-    recorded = Path(manifest["data"]["path"])
-    if not recorded.is_file() or files.sha256_file(recorded) != manifest["data"]["sha256"]:
+    task = tasks.get(manifest.task, FILENAME).code()
+    if not manifest.data_unchanged():
         texts = task.SAMPLE_TEXTS
-        return texts, f"{len(texts)} built-in texts ({recorded} is not there as it was)"
+        return texts, f"{len(texts)} built-in texts ({manifest.data_file} is not there as it was)"
     texts = task.check_texts(manifest, count)
-    return texts, f"the first {len(texts)} test examples of {recorded}"
+    return texts, f"the first {len(texts)} test examples of {manifest.data_file}"
 
 
 def _logits(model: torch.nn.Module, batch: BatchEncoding, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -60,7 +59,7 @@ def _check_output(output: Path, protected: dict[str, Path], overwrite: bool) -> 
     for what, folder in protected.items():
         folder = folder.resolve()
         if target == folder or folder in target.parents or target in folder.parents:
-            raise UserError(f"--output {output}: overlaps {what} ({folder}); choose a folder of its own")
+            raise UserError(f"`output` {output}: overlaps {what} ({folder}); choose a folder of its own")
     files.check_output_free(output, overwrite)
 
 
@@ -78,10 +77,10 @@ def merge(
     safetensors weights, config, tokenizer, and the adapter's manifest with a `merge` section."""
     adapter, output = Path(adapter), Path(output)
     manifest = adapters.read_manifest(adapter)
-    load = tasks.get(manifest.get("task"), str(adapter / adapters.MANIFEST)).code().load
+    load = tasks.get(manifest.task, str(adapter / FILENAME)).code().load
     if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    source = models.resolve_model(base) if base else models.source_from_manifest(manifest["base"])
+        raise UserError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    source = models.resolve_model(base) if base else models.source_from_manifest(manifest.base)
     protected = {"the adapter": adapter}
     if source.kind != "hub":
         protected["the base model"] = Path(source.location)
@@ -89,10 +88,10 @@ def merge(
 
     texts, origin = check_texts(manifest)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    batch = _tokenize(tokenizer, texts, manifest["config"]["max_length"])
+    batch = _tokenize(tokenizer, texts, manifest.run_config.max_length)
     if dtype != "float32":  # base + adapter run in the export's dtype, the reference for the export's own figure
         same_dtype = _logits(load(adapter, source, force, full_precision=True).model, batch, DTYPES[dtype])
-    quantized = manifest["config"].get("quantize")
+    quantized = manifest.run_config.quantize
     if quantized:  # what the adapter was trained and evaluated on, to say how far the full-precision merge moves
         as_trained = _logits(load(adapter, source, force).model, batch)
 
@@ -140,7 +139,7 @@ def merge(
         "check": check,
         "versions": adapters.library_versions(),
     }
-    exported_manifest = {**manifest, "merge": section}
+    exported_manifest = manifest.with_merge(section)
     with files.staged(output, overwrite) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)

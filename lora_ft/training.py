@@ -30,6 +30,7 @@ from .config import RunConfig, with_model
 from .data import SPLITS
 from .errors import Interrupted, UserError
 from .files import now_iso, sha256_file
+from .manifest import Manifest
 
 log = logging.getLogger("lora_ft")
 
@@ -87,25 +88,25 @@ def run_folder(run: Start, overwrite: bool, resume: Path | None) -> AbstractCont
 
 def manifest(
     run: Start, trainer: Trainer, model: PeftModel, data: dict[str, Any], metrics: dict[str, Any], **sections: Any
-) -> dict[str, Any]:
+) -> Manifest:
     """The manifest (lora_ft.json): what made the adapter. `data` and `sections` are what the task adds."""
     splits = {split: len(run.splits[split]) for split in SPLITS}
     data = {"path": str(run.data_path), "sha256": sha256_file(run.data_path), "seed": run.config.seed} | data
-    return {
-        "task": run.task,
-        "created": now_iso(),
-        "config": run.config.to_dict(),
-        "base": run.base_info,
-        "lora": lora_section(model),
-        "data": data | {"split_sizes": splits},
+    return Manifest(
+        task=run.task,
+        created=now_iso(),
+        config=run.config.to_dict(),
+        base=run.base_info,
+        lora=lora_section(model),
+        data=data | {"split_sizes": splits},
+        metrics=metrics,
+        training=training_section(trainer, run.precision),
+        versions=adapters.library_versions(),
         **sections,
-        "metrics": metrics,
-        "training": training_section(trainer, run.precision),
-        "versions": adapters.library_versions(),
-    }
+    )
 
 
-def save(run: Start, folder: Path, model: PeftModel, manifest: dict[str, Any], trainer: Trainer) -> None:
+def save(run: Start, folder: Path, model: PeftModel, manifest: Manifest, trainer: Trainer) -> None:
     """From the main process: PEFT's adapter, the tokenizer, the manifest and the loss plot into `folder`."""
     if run.processes.is_main_process:
         adapters.save_adapter(model, run.tokenizer, folder)
@@ -118,7 +119,7 @@ class TrainResult:
     """What `spam.train` and `instruct.train` return: the adapter folder, its manifest, the trained model."""
 
     adapter_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     model: PeftModel
 
 
@@ -146,10 +147,10 @@ def resolve_precision(requested: str) -> str:
     if torch.cuda.is_available():
         bf16 = torch.cuda.is_bf16_supported()
         if requested == "bf16" and not bf16:
-            raise UserError(f"--precision bf16: {torch.cuda.get_device_name()} has no bf16; use fp16 or fp32")
+            raise UserError(f"`precision` bf16: {torch.cuda.get_device_name()} has no bf16; use fp16 or fp32")
         return ("bf16" if bf16 else "fp16") if requested == "auto" else requested
     if requested == "fp16":
-        raise UserError("--precision fp16 needs a CUDA GPU (loss scaling); on the CPU use bf16 or fp32")
+        raise UserError("`precision` fp16 needs a CUDA GPU (loss scaling); on the CPU use bf16 or fp32")
     if requested == "auto":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return requested
@@ -248,7 +249,7 @@ def check_reporting(report_to: str) -> None:
 
     needs = {"tensorboard": (is_tensorboard_available, "tensorboard"), "wandb": (is_wandb_available, "wandb")}
     if report_to in needs and not needs[report_to][0]():
-        raise UserError(f"--report-to {report_to}: needs the '{needs[report_to][1]}' package (pip install it)")
+        raise UserError(f"`report_to` {report_to}: needs the '{needs[report_to][1]}' package (pip install it)")
 
 
 def trained_model(trainer: Trainer) -> Any:
