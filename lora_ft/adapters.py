@@ -102,10 +102,13 @@ def load_with_base(
             f"{adapter}: {source.spec} is not the base it was trained on ({'; '.join(mismatches)}); "
             "pass `force` to use it anyway"
         )
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():  # PEFT would fall back to a pickled adapter_model.bin, which lora_ft never loads
+        pickled = " (its adapter_model.bin is pickled: lora_ft loads safetensors only)"
+        raise UserError(f"{weights}: missing{pickled if (Path(adapter) / 'adapter_model.bin').exists() else ''}")
     try:
         model = PeftModel.from_pretrained(base, adapter).eval()
     except SafetensorError as e:
-        weights = Path(adapter) / "adapter_model.safetensors"
         raise UserError(f"{weights}: corrupt or incomplete ({str(e).splitlines()[0]})") from None
     except ValueError as e:  # json.JSONDecodeError included
         raise UserError(f"{Path(adapter) / 'adapter_config.json'}: unreadable ({str(e).splitlines()[0]})") from None

@@ -197,6 +197,9 @@ def load(
 
 
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Prediction]:
+    empty = [number for number, text in enumerate(texts, 1) if not text.strip()]
+    if empty:
+        raise UserError(f"text {empty[0]} of {len(texts)} is empty: there is nothing to classify")
     loaded = load(adapter, force=force)
     model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
     names = manifest.label_names

@@ -177,11 +177,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
-    from . import data
+    from . import data, files
 
     texts = list(args.texts)
     if args.file:
-        texts += [line for line in data.read_input(args.file)[1].splitlines() if line.strip()]
+        texts += [line for line in files.lines(data.read_input(args.file)[1]) if line.strip()]
     if not texts:
         raise UserError("nothing to classify: give TEXT arguments, --file F, or --file - for standard input")
     return texts

@@ -114,7 +114,12 @@ class RunConfig:
         choices=PRECISIONS,
     )
     quantize: str | None = setting(None, "QLoRA: hold the base in 4-bit NF4 or 8-bit (bitsandbytes)", choices=QUANTIZE)
-    seed: int = setting(123, "seed for the split, the initialisation and the data order")
+    seed: int = setting(
+        123,
+        "seed for the split, the initialisation and the data order",
+        check=lambda v: 0 <= v < 2**32,
+        must="must be in [0, 2**32)",  # numpy's and torch's seeds
+    )
     report_to: str = setting(
         "none", "also log training to TensorBoard (in the adapter folder) or W&B", choices=REPORT_TO
     )
@@ -177,6 +182,7 @@ def validate(values: dict[str, Any], source: str, task: str | None = None) -> di
 
 def read_recipe(path: Path, task: str | None = None) -> dict[str, Any]:
     try:
+        files.check_size(path, files.MAX_RECORD_BYTES, "recipe")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: recipe file not found") from None
@@ -186,6 +192,8 @@ def read_recipe(path: Path, task: str | None = None) -> dict[str, Any]:
         values = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

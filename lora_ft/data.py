@@ -15,7 +15,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from .errors import UserError
-from .files import ASSETS, checked
+from .files import ASSETS, MAX_INPUT_BYTES, check_size, checked, lines, parse_json
 
 DATA_DIR_ENV = "LORA_FT_DATA_DIR"
 SPLITS = ("train", "val", "test")
@@ -69,6 +69,7 @@ def read_input(spec: str, stdin_name: str = "<stdin>") -> tuple[Path, str]:
     if spec == "-":
         return Path(stdin_name), sys.stdin.read()
     try:
+        check_size(Path(spec), MAX_INPUT_BYTES, "file of inputs")
         return Path(spec), Path(spec).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{spec}: cannot read ({e})") from None
@@ -79,6 +80,7 @@ def read_input(spec: str, stdin_name: str = "<stdin>") -> tuple[Path, str]:
 
 def _read_text(path: Path) -> str:
     try:
+        check_size(path, MAX_INPUT_BYTES, "data file")
         data = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: cannot read data file ({e.strerror})") from None
@@ -105,7 +107,7 @@ def _checked_row(path: Path, where: str, label: str, text: str) -> tuple[str, st
 def _label_text_lines(path: Path, text: str) -> list[tuple[str, str]]:
     """`label<TAB>text` per line, split on the first tab only: messages contain quotes and tabs."""
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines(text), start=1):
         if not line.strip():
             continue
         if "\t" not in line:
@@ -119,7 +121,7 @@ def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
     """(line number, object) for a `.json` list of objects or a `.jsonl` file of one object per line."""
     if path.suffix.lower() == ".json":
         try:
-            items = json.loads(text)
+            items = parse_json(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
         if not isinstance(items, list):
@@ -128,10 +130,10 @@ def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
         where = "item"
     else:  # JSON Lines
         numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(lines(text), start=1):
             if line.strip():
                 try:
-                    numbered.append((number, json.loads(line)))
+                    numbered.append((number, parse_json(line)))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}: line {number} is not JSON ({e.msg})") from None
         where = "line"
@@ -147,8 +149,13 @@ def _table_rows(path: Path, text: str) -> list[tuple[str, str]]:
         records = _json_records(path, text)
     else:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-        records = [(number, record) for number, record in enumerate(reader, start=2)]
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        try:
+            records = [(number, record) for number, record in enumerate(reader, start=2)]
+        except csv.Error as e:  # a field over csv's limit (131,072 characters), a stray quote at the end
+            kind = "TSV" if delimiter == "\t" else "CSV"
+            # line_num counts the lines read before the one that failed
+            raise UserError(f"{path}: line {reader.line_num + 1} is not {kind} ({e})") from None
         if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
             raise UserError(f"{path}: needs a header with 'text' and 'label' columns, got {reader.fieldnames}")
     rows = []
@@ -167,7 +174,7 @@ def read_labeled(path: Path) -> list[tuple[str, str]]:
     """(label, text) pairs. `.csv`, `.jsonl` and `.tsv` with a text/label header are tables; any other file
     (the SMS Spam Collection has no extension) is `label<TAB>text` lines."""
     text = _read_text(path)
-    first_line = text.splitlines()[0].lower().split("\t")
+    first_line = lines(text)[0].lower().split("\t")
     is_table = path.suffix.lower() in (".csv", ".jsonl", ".json") or (
         path.suffix.lower() == ".tsv" and {"text", "label"} <= {c.strip() for c in first_line}
     )

@@ -21,6 +21,7 @@ from .errors import UserError
 CACHE_DIR_ENV = "LORA_FT_CACHE_DIR"
 ASSETS = Path(__file__).resolve().parent / "assets"
 GPT2_TOKENIZER = ASSETS / "gpt2_tokenizer"  # vocab.json + merges.txt (MIT), for tokenizer-only paths offline
+MANIFEST_NAME = "lora_ft.json"  # a folder holding one is lora_ft's: the only kind `overwrite` replaces
 
 
 def sha256_file(path: Path) -> str:
@@ -37,6 +38,32 @@ def checked(path: Path, sha256: str) -> Path:
     if actual != sha256:
         raise UserError(f"{path}: damaged (sha256 {actual[:12]}..., expected {sha256[:12]}...); reinstall lora_ft")
     return path
+
+
+GB = 1 << 30
+MAX_INPUT_BYTES = 1 * GB  # a data or request file is read whole: larger ones are refused before reading
+MAX_RECORD_BYTES = 64 << 20  # a manifest, run record or recipe
+
+
+def check_size(path: Path, limit: int, what: str) -> None:
+    """Refuse a file larger than `limit` bytes before it is read whole (a 12 GB file would end in MemoryError)."""
+    size = path.stat().st_size
+    if size > limit:
+        raise UserError(f"{path}: {size / GB:.1f} GB, more than the {limit / GB:.2g} GB a {what} may be")
+
+
+def lines(text: str) -> list[str]:
+    """`text` split into lines at \\n (and \\r\\n) only. str.splitlines also splits at characters a message may hold
+    (U+2028, U+2029, U+0085, form feeds), which would break records and shift every line number after them."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, with nesting too deep for Python's parser (RecursionError) a ValueError like any bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text[:1], 0) from None
 
 
 def cache_dir() -> Path:
@@ -56,7 +83,7 @@ def write_json_atomically(path: Path, value: Any) -> None:
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, or {} when it is missing, unreadable or not an object (for caches)."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
@@ -96,16 +123,35 @@ def hub_cached(repo_id: str, filenames: tuple[str, ...] = ("config.json",)) -> b
     return all(isinstance(try_to_load_from_cache(repo_id, name, cache_dir=folder), str) for name in filenames)
 
 
-def check_output_free(output: Path, overwrite: bool = False) -> None:
-    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"{output}: already exists; choose another `output` or pass `overwrite`")
+def check_output_free(output: Path, overwrite: bool = False, keep: dict[str, Path] | None = None) -> None:
+    """`output` may be written: it is missing or an empty folder, or, with `overwrite`, a folder lora_ft made (one
+    holding its manifest). Never a regular file or a path under one, never the working folder or a folder holding
+    it, and never one of `keep` (what the command reads: the base, the data, the adapter), a path inside one or a
+    folder holding one. Each refusal names the flags (`output`, `overwrite`)."""
+    target = output.resolve()
+    for path in (target, *target.parents):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"`output` {output}: {path} is a file, not a folder; choose a folder of its own")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise UserError(f"`output` {output}: the working folder or holds it; choose a folder of its own")
+    for what, path in (keep or {}).items():
+        path = path.resolve()
+        if target == path or target in path.parents or path in target.parents:
+            raise UserError(f"`output` {output}: overlaps {what} ({path}); choose a folder of its own")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise UserError(f"{output}: already exists; choose another `output` or pass `overwrite`")
+        if not (output / MANIFEST_NAME).is_file():
+            raise UserError(
+                f"`output` {output}: not a folder lora_ft made (no {MANIFEST_NAME}); `overwrite` replaces only those"
+            )
 
 
 @contextlib.contextmanager
-def staged(output: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `output`; on success it replaces `output` in one rename, on any error it is
-    removed and `output` (if it existed) is left as it was."""
-    check_output_free(output, overwrite)
+def staged(output: Path, overwrite: bool = False, keep: dict[str, Path] | None = None) -> Iterator[Path]:
+    """Yield a temp folder beside `output` (checked by `check_output_free`); on success it replaces `output` in one
+    rename, on any error it is removed and `output` (if it existed) is left as it was."""
+    check_output_free(output, overwrite, keep)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{int(time.time())}"
     tmp.mkdir()

@@ -9,9 +9,9 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import UserError
-from .files import sha256_file
+from .files import MANIFEST_NAME, MAX_RECORD_BYTES, check_size, parse_json, sha256_file
 
-FILENAME = "lora_ft.json"
+FILENAME = MANIFEST_NAME
 
 
 class Section:
@@ -93,7 +93,8 @@ class Manifest(dict):
         if not path.is_file():
             raise UserError(f"{folder}: not a lora_ft adapter folder (no {FILENAME})")
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))
+            check_size(path, MAX_RECORD_BYTES, "manifest")
+            value = parse_json(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(value, dict):

@@ -53,16 +53,6 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def _check_output(output: Path, protected: dict[str, Path], overwrite: bool) -> None:
-    """`output` must be free (or `overwrite`), and neither be nor sit inside nor hold the adapter or the base."""
-    target = output.resolve()
-    for what, folder in protected.items():
-        folder = folder.resolve()
-        if target == folder or folder in target.parents or target in folder.parents:
-            raise UserError(f"`output` {output}: overlaps {what} ({folder}); choose a folder of its own")
-    files.check_output_free(output, overwrite)
-
-
 def merge(
     adapter: str | Path,
     output: str | Path,
@@ -81,10 +71,10 @@ def merge(
     if dtype not in DTYPES:
         raise UserError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
     source = models.resolve_model(base) if base else models.source_from_manifest(manifest.base)
-    protected = {"the adapter": adapter}
+    keep = {"the adapter": adapter}
     if source.kind != "hub":
-        protected["the base model"] = Path(source.location)
-    _check_output(output, protected, overwrite)
+        keep["the base model"] = Path(source.location)
+    files.check_output_free(output, overwrite, keep)
 
     texts, origin = check_texts(manifest)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
@@ -140,7 +130,7 @@ def merge(
         "versions": adapters.library_versions(),
     }
     exported_manifest = manifest.with_merge(section)
-    with files.staged(output, overwrite) as tmp:
+    with files.staged(output, overwrite, keep) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         adapters.write_manifest(tmp, exported_manifest)

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RunKept, UserError
-from .files import check_output_free, now_iso, replace_folder, sha256_file, write_json_atomically
+from .files import (
+    MAX_RECORD_BYTES,
+    check_output_free,
+    check_size,
+    now_iso,
+    parse_json,
+    replace_folder,
+    sha256_file,
+    write_json_atomically,
+)
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -41,14 +50,24 @@ def output_of(partial: Path) -> Path:
     return partial.parent / partial.name[1 : -len(PARTIAL)]
 
 
-def check_run_free(output: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse an output that exists (unless `overwrite`), and a new run over an interrupted one's checkpoints."""
-    check_output_free(output, overwrite)
+def check_run_free(output: Path, overwrite: bool, resuming: bool, keep: dict[str, Path] | None = None) -> None:
+    """Refuse an output that may not be written (see `files.check_output_free`; `keep`: what the run reads), and a
+    new run over an interrupted one's checkpoints."""
+    check_output_free(output, overwrite, keep)
     if not resuming and partial_folder(output).exists():
         raise UserError(
             f"{output}: an interrupted run into it is kept in {partial_folder(output)}; continue it with "
             f"`resume` {output}, or delete that folder to start again"
         )
+
+
+def read_by(record: dict[str, Any]) -> dict[str, Path]:
+    """What a run reads, which its output may not touch: its base's folder (unless it came from the Hub) and its
+    data file."""
+    kept = {"the data": Path(record["data"]["path"])}
+    if record["base"].get("kind") != "hub":
+        kept["the base model"] = Path(record["base"]["location"])
+    return kept
 
 
 def _has_checkpoint(folder: Path) -> bool:
@@ -71,7 +90,7 @@ def training_folder(
     main = processes is None or processes.is_main_process
     tmp = partial_folder(output)
     _wait_for_everyone(processes)  # no process may see another's new folder as an earlier run's
-    check_run_free(output, overwrite, resuming=resume is not None)
+    check_run_free(output, overwrite, resuming=resume is not None, keep=read_by(record))
     if resume is not None:
         check_resume(resume, record)
     _wait_for_everyone(processes)
@@ -82,7 +101,7 @@ def training_folder(
     try:
         yield tmp
         _wait_for_everyone(processes)
-        check_output_free(output, overwrite)  # still: it may have appeared while this run trained
+        check_output_free(output, overwrite, read_by(record))  # still: it may have appeared while this run trained
         _wait_for_everyone(processes)  # every process has checked before the main one renames
         if main:
             shutil.rmtree(tmp / CHECKPOINTS, ignore_errors=True)
@@ -170,7 +189,8 @@ def check_resume(checkpoint: Path, record: dict[str, Any]) -> None:
 def read_run_record(folder: Path) -> dict[str, Any]:
     path = folder / RUN_RECORD
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        check_size(path, MAX_RECORD_BYTES, "run record")
+        record = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({e})") from None
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):

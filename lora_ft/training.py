@@ -69,13 +69,18 @@ def start(
     precision = resolve_precision(config.precision)
     output = Path(config.output) if config.output else adapters.default_output(task, source.short_name)
     config = dataclasses.replace(config, output=str(output))
-    runs.check_run_free(output, overwrite, resuming=resume is not None)
+    read = {"the base model": Path(source.location)} if source.kind != "hub" else {}
+    read |= {"the data": Path(config.data)} if config.data else {}  # else the data is found below, checked later
+    runs.check_run_free(output, overwrite, resuming=resume is not None, keep=read)
     state = processes()
     with state.main_process_first():
         data_path, splits = load_splits(config)
         set_seed(config.seed)  # a new head and the LoRA matrices are initialised from this
         tokenizer = models.load_tokenizer(source)
         base = load_base(source, tokenizer, splits, config, precision)
+    positions = getattr(base.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this too
+    if positions and config.max_length > positions:  # found now, not while scoring after training
+        raise UserError(f"`max_length` {config.max_length}: more than the {positions} positions {config.model} has")
     base_info = models.describe_base(source, base)
     record = runs.run_record(task, config, data_path, base_info)
     return Start(task, config, output, precision, state, data_path, splits, tokenizer, base, base_info, record)

@@ -108,5 +108,6 @@ def instruct_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
         "batch_size": 4,
         "lr": 1e-2,
         "max_new_tokens": 24,
+        "max_length": 256,  # the tiny model's positions (instruct's default, 512, is refused on it)
     }
     return instruct.train(load_config("instruct", overrides=overrides)), before

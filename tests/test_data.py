@@ -147,3 +147,20 @@ def test_too_few_rows_for_the_split_names_the_data():
     rows = [("ham", "hi"), ("spam", "win")] * 2
     with pytest.raises(UserError, match=r"^sms\.tsv: 4 rows are too few for a 0.7/0.1/0.2 split$"):
         data.classification_splits(rows, seed=0, balance=True, source="sms.tsv")
+
+
+def test_line_separators_inside_messages_are_text(tmp_path: Path):
+    # U+2028, U+2029, U+0085 and form feeds are characters of a message, not line breaks: rows stay whole and line
+    # numbers stay those of the file.
+    odd = ["one\u2028two", "three\u2029four", "five\x85six", "seven\x0ceight"]
+    path = tmp_path / "odd.tsv"
+    path.write_text("".join(f"{label}\t{text}\n" for label, text in zip(["ham", "spam"] * 2, odd, strict=True)))
+    assert [text for _, text in data.read_labeled(path)] == odd
+    path.write_text(path.read_text() + "spam no tab here\n")
+    with pytest.raises(UserError, match="line 5 has no tab"):
+        data.read_labeled(path)
+    jsonl = tmp_path / "odd.jsonl"
+    jsonl.write_text(
+        "".join(json.dumps({"text": t, "label": "ab"[i % 2]}, ensure_ascii=False) + "\n" for i, t in enumerate(odd))
+    )
+    assert [text for _, text in data.read_labeled(jsonl)] == odd

@@ -115,6 +115,20 @@ CASES: list[tuple[str, dict[str, str | bytes], list[str], list[str]]] = [
     ("bench-tokenizer", {}, ["bench", "--tokenizer", "{tmp}/no-tokenizer/"], ["no-tokenizer", "not found"]),
     ("resume-nothing", {}, ["spam", *TRAIN, "--resume", "{tmp}/out"], ["--resume", "no interrupted run"]),
     ("resume-latest", {}, ["instruct", "--output", "{tmp}/x", "--resume", "latest"], ["no interrupted instruct run"]),
+    # input that once ended in "internal error" (issue 16)
+    ("json-deep", {"i.json": "[" * 100_000 + "]" * 100_000}, [*INSTRUCT, "{tmp}/i.json"], ["i.json", "too deeply"]),
+    ("jsonl-deep", {"d.jsonl": "[" * 100_000 + "]" * 100_000}, [*SPAM, "{tmp}/d.jsonl"], ["line 1", "too deeply"]),
+    (
+        "csv-huge-field",
+        {"d.csv": 'text,label\nhi,ham\n"' + "x" * 140_000 + '",spam\n'},
+        [*SPAM, "{tmp}/d.csv"],
+        ["d.csv", "line 3 is not CSV", "field larger than field limit"],
+    ),
+    ("recipe-deep", {"r.yaml": "[" * 5000 + "]" * 5000}, ["spam", "--config", "{tmp}/r.yaml"], ["r.yaml", "YAML"]),
+    ("seed-negative", {}, ["spam", *TRAIN, "--seed", "-5"], ["command line", "'seed' must be in [0, 2**32)"]),
+    ("predict-empty-text", {}, ["predict", "{spam}", "ok", ""], ["text 2 of 2 is empty"]),
+    ("max-length-positions", {}, ["spam", *TRAIN, "--max-length", "100000"], ["--max-length 100000", "256 positions"]),
+    ("adapter-pickled", {}, ["predict", "{spam}", "hi"], ["adapter_model.safetensors: missing", "pickled"]),
 ]
 
 
@@ -132,6 +146,7 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "adapter-other-weights": lambda a: _edit_manifest(a, lambda m: m["base"].update(weights_sha256="0" * 64)),
     "adapter-other-size": lambda a: _edit_manifest(a, lambda m: m["base"].update(hidden_size=768)),
     "adapter-other-arch": lambda a: _edit_manifest(a, lambda m: m["base"].update(model_type="llama")),
+    "adapter-pickled": lambda a: (a / "adapter_model.safetensors").rename(a / "adapter_model.bin"),
     "model-corrupt-weights": lambda m: (m / "model.safetensors").write_bytes(b"not safetensors at all"),
     "model-bad-config": lambda m: (m / "config.json").write_text('{"model_type": "gpt2", "n_embd": "wide"'),
 }
@@ -374,3 +389,23 @@ def test_longer_than_max_length_is_truncated_and_counted(
     code, out, err = run_main(["predict", str(output), "short one", "long words " * 10, "--json"], capsys)
     assert code == 0 and [json.loads(line)["truncated"] for line in out.splitlines()] == [False, True]
     assert "note: 1 of 2 texts are longer than the adapter's max_length tokens" in err
+
+
+def test_a_file_too_large_to_read_whole_is_refused_unread(tiny_gpt2: Path, tmp_path: Path, capsys) -> None:
+    big = tmp_path / "big.tsv"
+    with open(big, "wb") as f:  # sparse: 2 GiB on paper, a few bytes on disk
+        f.write(b"ham\thello\n")
+        f.truncate(2 << 30)
+    code, _, err = run_main(["spam", *TRAIN, "--data", str(big)], capsys)
+    assert code == 2 and err.startswith(f"error: {big}: 2.0 GB, more than the 1 GB a data file may be")
+    assert err.count("\n") == 1
+
+
+def test_the_listing_shows_a_broken_manifest_and_goes_on(spam_run, tmp_path: Path, capsys) -> None:
+    shutil.copytree(spam_run[0].adapter_dir, tmp_path / "good")
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "lora_ft.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, out, _ = run_main(["adapters", str(tmp_path)], capsys)
+    assert code == 0
+    assert f"unreadable: {tmp_path / 'deep' / 'lora_ft.json'}: not valid JSON" in out and "too deeply" in out
+    assert any(line.startswith(str(tmp_path / "good")) and "accuracy" in line for line in out.splitlines())

@@ -141,7 +141,7 @@ def test_8bit_spam_and_4bit_instruct(tiny_gpt2: Path, tmp_path: Path):
 
     values = {
         "model": str(tiny_gpt2), "output": str(tmp_path / "i4"), "max_steps": 4, "quantize": "4bit",
-        "test_limit": 3, "max_new_tokens": 6,
+        "test_limit": 3, "max_new_tokens": 6, "max_length": 256,
     }  # fmt: skip
     result = instruct.train(load_config("instruct", overrides=values))
     records = json.loads((tmp_path / "i4" / instruct.RESPONSES).read_text())
