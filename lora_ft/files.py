@@ -133,7 +133,7 @@ def check_output_free(output: Path, overwrite: bool = False, keep: dict[str, Pat
         if path.exists() and not path.is_dir():
             raise UserError(f"`output` {output}: {path} is a file, not a folder; choose a folder of its own")
     if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
-        raise UserError(f"`output` {output}: the working folder or holds it; choose a folder of its own")
+        raise UserError(f"`output` {output}: is the working folder or holds it; choose a folder of its own")
     for what, path in (keep or {}).items():
         path = path.resolve()
         if target == path or target in path.parents or path in target.parents:
