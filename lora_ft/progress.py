@@ -47,10 +47,6 @@ def show(quiet: bool = False) -> None:
     logger.propagate = False
 
 
-def enabled() -> bool:
-    return _mode != "off"
-
-
 def on_terminal() -> bool:
     """Bars are being drawn on a terminal (where a tool's own progress display is welcome too)."""
     return _mode == "bars"
