@@ -36,26 +36,24 @@ def setting(
     default: Any,
     help: str,
     *,
-    check: typing.Callable[[Any], bool] | None = None,
-    must: str = "",
+    check: tuple[typing.Callable[[Any], bool], str] | None = None,
     choices: tuple[str, ...] | None = None,
     task: str | None = None,
     per_task: dict[str, Any] | None = None,
     internal: bool = False,
 ) -> Any:
     """A RunConfig field with everything about it in one place: its default (and where a task's differs, `per_task`),
-    the help text of its flag, the check a value must pass (`must` says how), its `choices`, the one `task` that
-    reads it (None: every task), and whether it is `internal` (recorded by a run, set by no recipe or flag). None
+    the help text of its flag, the check a value must pass (a test and what it says), its `choices`, the one `task`
+    that reads it (None: every task), and whether it is `internal` (recorded by a run, set by no recipe or flag). None
     passes every check: whether a field may be None is its type's business."""
     if choices is not None:
-        check = choices.__contains__
-        must = f"must be {'null or ' if default is None else ''}one of {', '.join(choices)}"
-    meta = {"help": help, "check": check, "must": must, "choices": choices, "task": task, "per_task": per_task or {}}
+        check = (choices.__contains__, f"must be {'null or ' if default is None else ''}one of {', '.join(choices)}")
+    meta = {"help": help, "check": check, "choices": choices, "task": task, "per_task": per_task or {}}
     return dataclasses.field(default=default, metadata=meta | {"internal": internal})
 
 
-def _positive(value: Any) -> bool:
-    return value > 0
+POSITIVE = (lambda v: v > 0, "must be > 0")
+FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
 @dataclass
@@ -71,42 +69,36 @@ class RunConfig:
     )
     data: str | None = setting(None, "data file (default: $LORA_FT_DATA_DIR, then the copy shipped with lora_ft)")
     output: str | None = setting(None, "adapter folder to write (default: adapters/<task>-<model>-<timestamp>)")
-    epochs: float = setting(3.0, "training epochs", check=_positive, must="must be > 0", per_task={"instruct": 2.0})
-    max_steps: int | None = setting(None, "stop after this many optimiser steps", check=_positive, must="must be > 0")
-    batch_size: int = setting(8, "training batch size (per process)", check=_positive, must="must be > 0")
+    epochs: float = setting(3.0, "training epochs", check=POSITIVE, per_task={"instruct": 2.0})
+    max_steps: int | None = setting(None, "stop after this many optimiser steps", check=POSITIVE)
+    batch_size: int = setting(8, "training batch size (per process)", check=POSITIVE)
     eval_batch_size: int = setting(
-        32, "evaluation (and generation) batch size", check=_positive, must="must be > 0", per_task={"instruct": 16}
+        32, "evaluation (and generation) batch size", check=POSITIVE, per_task={"instruct": 16}
     )
-    lr: float = setting(5e-4, "learning rate", check=_positive, must="must be > 0")
-    weight_decay: float = setting(0.0, "AdamW weight decay", check=lambda v: v >= 0, must="must be >= 0")
-    warmup_ratio: float = setting(
-        0.0, "share of steps spent warming up the learning rate", check=lambda v: 0 <= v < 1, must="must be in [0, 1)"
-    )
-    lora_r: int = setting(16, "LoRA rank", check=_positive, must="must be > 0")
-    lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", check=_positive, must="must be > 0")
-    lora_dropout: float = setting(
-        0.05, "dropout on the LoRA input", check=lambda v: 0 <= v < 1, must="must be in [0, 1)"
-    )
+    lr: float = setting(5e-4, "learning rate", check=POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay", check=(lambda v: v >= 0, "must be >= 0"))
+    warmup_ratio: float = setting(0.0, "share of steps spent warming up the learning rate", check=FRACTION)
+    lora_r: int = setting(16, "LoRA rank", check=POSITIVE)
+    lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", check=POSITIVE)
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input", check=FRACTION)
     target_modules: list[str] | None = setting(
-        None, "module names to adapt (default: per architecture)", check=bool, must="must name at least one module"
+        None, "module names to adapt (default: per architecture)", check=(bool, "must name at least one module")
     )
     max_length: int = setting(
         256,
         "longest input in tokens; longer ones are truncated (spam) or left out (instruct)",
-        check=_positive,
-        must="must be > 0",
+        check=POSITIVE,
         per_task={"instruct": 512},
     )
     balance: bool = setting(True, "undersample larger classes to the smallest", task="spam")
     max_new_tokens: int = setting(
         256,
         "longest generated response in tokens (generation stops earlier at EOS)",
-        check=_positive,
-        must="must be > 0",
+        check=POSITIVE,
         task="instruct",
     )
     test_limit: int | None = setting(
-        None, "generate for only the first N test examples", check=_positive, must="must be > 0", task="instruct"
+        None, "generate for only the first N test examples", check=POSITIVE, task="instruct"
     )
     precision: str = setting(
         "auto",
@@ -117,8 +109,7 @@ class RunConfig:
     seed: int = setting(
         123,
         "seed for the split, the initialisation and the data order",
-        check=lambda v: 0 <= v < 2**32,
-        must="must be in [0, 2**32)",  # numpy's and torch's seeds
+        check=(lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),  # numpy's and torch's seeds
     )
     report_to: str = setting(
         "none", "also log training to TensorBoard (in the adapter folder) or W&B", choices=REPORT_TO
@@ -174,9 +165,9 @@ def validate(values: dict[str, Any], source: str, task: str | None = None) -> di
             raise UserError(f"{source}: '{key}' belongs to task {owner}, not {task}")
         if not _type_ok(value, hints[key]):
             raise UserError(f"{source}: '{key}' must be {_type_name(hints[key])}, got {value!r}")
-        check = field.metadata["check"]
-        if value is not None and check is not None and not check(value):
-            raise UserError(f"{source}: '{key}' {field.metadata['must']}, got {value!r}")
+        test, must = field.metadata["check"] or (None, "")
+        if value is not None and test is not None and not test(value):
+            raise UserError(f"{source}: '{key}' {must}, got {value!r}")
     return values
 
 
@@ -237,9 +228,7 @@ def choose_model(task: str, defaults: dict[str, Any], chosen: dict[str, Any]) ->
     if why is None:
         return values | {"model": DEFAULT_MODEL}
     recipe = fallback_recipe(task)
-    log.warning(
-        "%s; training the bundled SmolLM2-135M instead (%s) — pass --model gpt2 to insist", why, recipe.name
-    )
+    log.warning("%s; training the bundled SmolLM2-135M instead (%s) — pass --model gpt2 to insist", why, recipe.name)
     fallback = FALLBACK_RECIPES.get(task, {"model": FALLBACK_MODEL})
     return defaults | fallback | chosen | {"model_fallback": why}
 
