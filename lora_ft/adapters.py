@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from . import tasks
 from .errors import UserError
 from .manifest import FILENAME, Manifest
-from .runs import ADAPTERS_DIR, PARTIAL, RUN_RECORD, output_of, read_run_record
+from .runs import ADAPTERS_DIR, PARTIAL, RUN_RECORD, newest_checkpoint, output_of, read_run_record, running
 from .runs import find_run as find_run  # the Python API's name for it, from before runs.py
 
 if TYPE_CHECKING:
@@ -119,14 +119,12 @@ def load_with_base(
     return Loaded(model, tokenizer, manifest, info, mismatches)
 
 
-
-
 @dataclass
 class Listed:
     """One row of `adapters`: an adapter or merged export folder, described by its manifest."""
 
     path: str
-    kind: str  # "adapter" | "merged" | "?" (manifest unreadable)
+    kind: str  # "adapter" | "merged" | "?" (manifest unreadable) | "interrupted" | "running" (a training run)
     task: str | None = None
     base: str | None = None
     created: str | None = None
@@ -134,6 +132,7 @@ class Listed:
     value: float | None = None
     size_bytes: int = 0
     problem: str | None = None
+    state: str | None = None  # a training run's: "PID N" when running, else the step it can resume from, if any
 
 
 def folder_size(folder: Path) -> int:
@@ -142,7 +141,19 @@ def folder_size(folder: Path) -> int:
 
 def base_name(base: dict[str, Any]) -> str:
     """A short name for a manifest's base: the Hub id or alias, or the folder's name."""
-    return base["spec"] if base.get("kind") != "local" else Path(base["location"]).name
+    if not isinstance(base, dict):
+        raise TypeError(f"'base' is {type(base).__name__}, not an object")
+    if base.get("kind") == "local":
+        return Path(_text(base.get("location"), "base location")).name
+    return _text(base.get("spec"), "base spec")
+
+
+def _text(value: Any, what: str, optional: bool = False) -> str | None:
+    """A string the listing shows, from a manifest or run record; another type is a TypeError, which lists the file as
+    unexpected content (the table and its sort by `created` need strings)."""
+    if not isinstance(value, str) and not (optional and value is None):
+        raise TypeError(f"{what} is {'null' if value is None else type(value).__name__}, not a string")
+    return value
 
 
 def describe_folder(folder: Path) -> Listed:
@@ -156,7 +167,7 @@ def describe_folder(folder: Path) -> Listed:
             listed.kind = "merged"
         task = manifest.task
         listed.task, listed.metric = task, tasks.TASKS[task].key_metric if task in tasks.TASKS else None
-        listed.created = merge.get("created") if merge else manifest.created
+        listed.created = _text(merge.get("created") if merge else manifest.created, "created", optional=True)
         listed.base = base_name(merge["base"] if merge else manifest.base)
         listed.value = manifest.test_metric(listed.metric)
     except UserError as e:
@@ -181,15 +192,20 @@ def list_adapters(root: str | Path = ADAPTERS_DIR) -> list[Listed]:
 
 
 def _describe_run(folder: Path) -> Listed:
-    """The listing row of an interrupted run (kind "interrupted"), under the output path it is building."""
+    """The listing row of a training run, live ("running") or not ("interrupted"), under the output path it is
+    building."""
     listed = Listed(str(output_of(folder)), "interrupted", size_bytes=folder_size(folder))
+    owner, checkpoint = running(folder), newest_checkpoint(folder)
+    if owner is not None:
+        listed.kind, listed.state = "running", owner
+    elif checkpoint is not None:
+        listed.state = f"step {checkpoint.name.removeprefix('checkpoint-')}"
     try:
         record = read_run_record(folder)
-        listed.task, listed.created, listed.base = record["task"], record.get("started"), base_name(record["base"])
+        listed.task, listed.base = _text(record.get("task"), "task"), base_name(record.get("base"))
+        listed.created = _text(record.get("started"), "started", optional=True)
     except UserError as e:
         listed.problem = str(e)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         listed.problem = f"{folder / RUN_RECORD}: unexpected content ({type(e).__name__}: {e})"
     return listed
-
-

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from . import progress
+from . import progress, runs
+from .errors import Interrupted
 
 log = logging.getLogger("lora_ft")
 
@@ -48,8 +50,9 @@ class Tally(TrainerCallback, ExportableState):
 
 class StopOnSignal(TrainerCallback):
     """After SIGINT or SIGTERM (see `catching_signals`), finish the step, save a checkpoint there and stop; `fit`
-    then raises `Interrupted`. A second SIGINT stops at once, without a new checkpoint. Processes of a distributed
-    run agree at every step end whether any of them got a signal, so that all stop after the same step."""
+    then raises `Interrupted`. During an evaluation, stop after the batch, keeping the checkpoint before. A second
+    SIGINT stops at once, without a new checkpoint. Processes of a distributed run agree at every step end (and
+    evaluation batch) whether any of them got a signal, so that all stop at the same place."""
 
     def __init__(self) -> None:
         self.received: int | None = None  # this process's signal
@@ -86,6 +89,16 @@ class StopOnSignal(TrainerCallback):
             self.stopping = True
             self._mid_epoch = state.epoch != int(state.epoch)
             control.should_save = True
+
+    def on_prediction_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        # An evaluation of a large val split takes minutes: stop within a batch, not at its end. This step's
+        # checkpoint (saved after its evaluation) is not written; the run resumes from the one before, which keeps
+        # it exact: the resumed run repeats the steps since then and this evaluation.
+        signum = self.agree(args)
+        if signum is not None:
+            checkpoint = runs.newest_checkpoint(Path(args.output_dir).parent)
+            step = int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint else None
+            raise Interrupted(signum, step, checkpoint, evaluating=state.global_step)
 
     def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if self.stopping:

@@ -131,6 +131,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
     names = splits["train"].features["label"].names
     model = get_peft_model(run.base, models.lora_config(run.base, TaskType.SEQ_CLS, config))
     encoded = tokenize(splits, tokenizer, config.max_length)
+    encoded["val"] = training.val_sample(encoded["val"], config)
 
     with training.run_folder(run, overwrite, resume) as tmp:
         args = training.training_args(config, tmp / runs.CHECKPOINTS, len(encoded["train"]), "accuracy", run.precision)
@@ -156,6 +157,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
         truncated = {split: sum(longer(splits[split]["text"], tokenizer, config.max_length)) for split in data.SPLITS}
         fractions = list(data.CLASSIFICATION_FRACTIONS)
         described = {"balanced": config.balance, "fractions": fractions, "truncated": truncated}
+        described["val_evaluated"] = len(encoded["val"])
         labels = {name: i for i, name in enumerate(names)}
         manifest = training.manifest(run, trainer, model, described, metrics, labels=labels)
         training.save(run, tmp, model, manifest, trainer)

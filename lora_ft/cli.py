@@ -159,11 +159,20 @@ def _train_config(task: str, args: argparse.Namespace) -> tuple[RunConfig, Path 
     run = runs.find_run(args.resume, task, root)
     own = {k: v for k, v in run.record["config"].items() if k in {f.name for f in settings(task)}}
     recorded = run.record["config"] | validate(own, str(run.folder / runs.RUN_RECORD), task)
+    recorded["output"] = str(runs.output_of(run.folder))  # where the run is, whatever folder it was started from
     given = validate({k: v for k, v in _overrides(args).items() if v is not None}, "command line", task)
-    differ = [f"--{k.replace('_', '-')} {v} (was {recorded[k]})" for k, v in given.items() if v != recorded[k]]
+    differ = [f"--{k.replace('_', '-')} {v} (was {recorded[k]})" for k, v in given.items() if not _same(k, v, recorded)]
     if differ:
         raise UserError(f"--resume {args.resume}: differs from the interrupted run: {', '.join(differ)}")
     return RunConfig(**recorded), run.checkpoint
+
+
+def _same(key: str, value: Any, recorded: dict[str, Any]) -> bool:
+    from .runs import PATHS
+
+    if key in PATHS and value is not None and recorded[key] is not None:
+        return Path(value).expanduser().resolve() == Path(recorded[key]).expanduser().resolve()
+    return value == recorded[key]
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -405,8 +414,8 @@ def _stopped(args: argparse.Namespace, error: BaseException, kept: Path | None =
         code, line, shown = error.code, f"error: {_as_flags(str(error))}", _main_process()
     elif isinstance(error, (Interrupted, KeyboardInterrupt)):
         interrupted = error if isinstance(error, Interrupted) else Interrupted(signal.SIGINT)
-        saved = f" at step {interrupted.step}, checkpoint saved" if interrupted.checkpoint else ""
-        code, line, shown = interrupted.code, f"interrupted by {interrupted.signal_name}{saved}", _main_process()
+        line = f"interrupted by {interrupted.signal_name}{interrupted.where()}"
+        code, shown = interrupted.code, _main_process()
     elif isinstance(error, Exception):
         if args.debug:
             traceback.print_exc()

@@ -97,6 +97,11 @@ class RunConfig:
         check=POSITIVE,
         task="instruct",
     )
+    max_eval_samples: int | None = setting(
+        None,
+        "evaluate on at most N val examples, a sample the seed fixes (large data: shorter evaluations)",
+        check=POSITIVE,
+    )
     test_limit: int | None = setting(
         None, "generate for only the first N test examples", check=POSITIVE, task="instruct"
     )

@@ -17,15 +17,25 @@ class UserError(Exception):
 
 
 class Interrupted(BaseException):
-    """Training stopped on a signal (SIGINT, SIGTERM) after saving a checkpoint at `step`. A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` on the way up swallows it. Exit code 128 + the signal."""
+    """Training stopped on a signal (SIGINT, SIGTERM), with `checkpoint` (at `step`) to resume from, if it has one.
+    `evaluating`: the step whose evaluation the signal cut short (that step's checkpoint was not saved). A
+    BaseException, like KeyboardInterrupt, so that no `except Exception` on the way up swallows it. Exit code
+    128 + the signal."""
 
-    def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None):
+    def __init__(
+        self, signum: int, step: int | None = None, checkpoint: Path | None = None, evaluating: int | None = None
+    ):
         self.signal_name = signal.Signals(signum).name
         self.code = 128 + signum
-        self.step, self.checkpoint = step, checkpoint
-        at = f" at step {step}, checkpoint {checkpoint}" if checkpoint else ""
-        super().__init__(f"{self.signal_name}{at}")
+        self.step, self.checkpoint, self.evaluating = step, checkpoint, evaluating
+        super().__init__(self.signal_name + self.where())
+
+    def where(self) -> str:
+        """Where training stopped, for a person: '' when it did not reach training."""
+        kept = f"checkpoint at step {self.step} kept" if self.checkpoint else "no checkpoint yet"
+        if self.evaluating is not None:
+            return f" during the evaluation at step {self.evaluating} ({kept})"
+        return f" at step {self.step}, checkpoint saved" if self.checkpoint else ""
 
 
 class RunKept(BaseException):

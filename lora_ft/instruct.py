@@ -230,6 +230,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
     (train_pairs, dropped_train), (val_pairs, dropped_val) = (
         _within_length(pairs[split], tokenizer, config.max_length) for split in ("train", "val")
     )
+    val_pairs = training.val_sample(val_pairs, config)
     if len(train_pairs) == 0 or len(val_pairs) == 0:
         split = "training" if len(train_pairs) == 0 else "val"
         raise UserError(f"{run.data_path}: no {split} example fits in `max_length` {config.max_length} tokens")
@@ -249,6 +250,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
         described = {
             "fractions": list(data.INSTRUCTION_FRACTIONS),
             "dropped_longer_than_max_length": {"train": dropped_train, "val": dropped_val},
+            "val_evaluated": len(val_pairs),
             "test_examples_generated": len(test),
             "prompt_template": "alpaca" if any(splits["train"]["instruction"]) else "prompt as given",
         }

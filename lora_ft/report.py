@@ -106,8 +106,12 @@ def listing(found: list[Listed]) -> list[str]:
     for listed in found:
         if listed.problem:
             lines.append(f"unreadable: {listed.problem}")
+        elif listed.kind == "running":
+            lines.append(f"running: {listed.path} ({listed.state})")
         elif listed.kind == "interrupted":
-            lines.append(f"interrupted: resume with python -m lora_ft {listed.task} --resume {listed.path}")
+            resume = f"python -m lora_ft {listed.task} --resume {listed.path}"
+            where = f"can continue from {listed.state}" if listed.state else "stopped before its first checkpoint"
+            lines.append(f"interrupted: {listed.path} {where}; {'resume' if listed.state else 'start again'}: {resume}")
     return lines
 
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import PartialState
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
@@ -22,7 +23,6 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import adapters, models, plots, runs
 from .callbacks import SeededLengthGroupedSampler, ShowProgress, StopOnSignal, Tally, batch_tokens, find_callback
@@ -68,7 +68,7 @@ def start(
     source = models.resolve_model(config.model)
     precision = resolve_precision(config.precision)
     output = Path(config.output) if config.output else adapters.default_output(task, source.short_name)
-    config = dataclasses.replace(config, output=str(output))
+    config = resolved_paths(config, output, source)
     read = {"the base model": Path(source.location)} if source.kind != "hub" else {}
     read |= {"the data": Path(config.data)} if config.data else {}  # else the data is found below, checked later
     runs.check_run_free(output, overwrite, resuming=resume is not None, keep=read)
@@ -84,6 +84,21 @@ def start(
     base_info = models.describe_base(source, base)
     record = runs.run_record(task, config, data_path, base_info)
     return Start(task, config, output, precision, state, data_path, splits, tokenizer, base, base_info, record)
+
+
+def resolved_paths(config: RunConfig, output: Path, source: models.ModelSource) -> RunConfig:
+    """`config` with the files it names as absolute paths: the run record and the manifest then mean the same files
+    from any folder (`--resume` from elsewhere, `evaluate` of a moved adapter)."""
+    data = str(Path(config.data).expanduser().resolve()) if config.data else None
+    model = source.location if source.kind == "local" else config.model
+    return dataclasses.replace(config, output=str(output.expanduser().resolve()), data=data, model=model)
+
+
+def val_sample(val: Dataset, config: RunConfig) -> Dataset:
+    """The val examples a run evaluates on: all, or `max_eval_samples` of them that the seed picks, in order."""
+    if config.max_eval_samples is None or len(val) <= config.max_eval_samples:
+        return val
+    return val.select(sorted(np.random.default_rng(config.seed).choice(len(val), config.max_eval_samples, False)))
 
 
 def run_folder(run: Start, overwrite: bool, resume: Path | None) -> AbstractContextManager[Path]:
@@ -277,8 +292,8 @@ def fit(trainer: Trainer, resume_from: Path | None = None) -> None:
     trainer.accelerator.wait_for_everyone()
     signum = stop.agree(trainer.args)  # also a signal that came after the last step: training is over, but stop
     if signum is not None:
-        checkpoint = get_last_checkpoint(trainer.args.output_dir)
-        raise Interrupted(signum, trainer.state.global_step, Path(checkpoint) if checkpoint else None)
+        checkpoint = runs.newest_checkpoint(Path(trainer.args.output_dir).parent)
+        raise Interrupted(signum, trainer.state.global_step, checkpoint)
 
 
 def _restore(trainer: Trainer, state: TrainerState, checkpoint: Path) -> None:
