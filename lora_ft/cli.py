@@ -416,6 +416,10 @@ def _stopped(args: argparse.Namespace, error: BaseException, kept: Path | None =
         interrupted = error if isinstance(error, Interrupted) else Interrupted(signal.SIGINT)
         line = f"interrupted by {interrupted.signal_name}{interrupted.where()}"
         code, shown = interrupted.code, _main_process()
+    elif isinstance(error, OSError) and error.filename and error.strerror:  # a full disk, a folder not ours
+        if args.debug:
+            traceback.print_exc()
+        code, line, shown = 2, f"error: {error.filename}: {error.strerror}", _main_process()
     elif isinstance(error, Exception):
         if args.debug:
             traceback.print_exc()
@@ -431,8 +435,8 @@ def _stopped(args: argparse.Namespace, error: BaseException, kept: Path | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; the exit code is 0 (done), 1 (internal error), 2 (bad input or usage), 130 or 143
-    (stopped by SIGINT or SIGTERM)."""
+    """Run one command; the exit code is 0 (done), 1 (internal error), 2 (bad input or usage, or a file that cannot
+    be read or written), 130 or 143 (stopped by SIGINT or SIGTERM)."""
     args = build_parser().parse_args(argv)
     if not args.debug and args.command not in LIGHT_COMMANDS:
         progress.quiet_libraries()

@@ -232,9 +232,13 @@ def _claim(folder: Path, record: dict[str, Any]) -> int | None:
         os.close(stale)
     staged = folder.with_name(f"{folder.name}-{os.getpid()}")
     shutil.rmtree(staged, ignore_errors=True)  # a process with this PID died here before its rename
-    staged.mkdir(parents=True)
-    lock = _lock(staged)
-    write_json_atomically(staged / RUN_RECORD, record)
+    try:
+        staged.mkdir(parents=True)
+        lock = _lock(staged)
+        write_json_atomically(staged / RUN_RECORD, record)
+    except OSError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise UserError(f"{output_of(folder)}: cannot write there ({e.strerror or e})") from None
     try:
         os.rename(staged, folder)  # fails if another run's folder appeared there meanwhile
     except OSError:

@@ -3,6 +3,7 @@ passed over, a run resumes from any folder, a live run is locked, a signal durin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -213,3 +214,29 @@ def test_max_eval_samples_caps_the_val_evaluations(small_data: Path, tiny_gpt2: 
     assert manifest["config"]["max_eval_samples"] == 3 and manifest["data"]["val_evaluated"] == 3
     assert manifest["data"]["split_sizes"]["val"] == 4  # the split itself is unchanged
     assert manifest["metrics"]["val"]["examples"] == 3 and manifest["metrics"]["test"]["examples"] == 8
+
+
+def test_an_output_where_nothing_can_be_written_is_one_line(small_data: Path, tiny_gpt2: Path, capsys) -> None:
+    argv = ["spam", "--model", str(tiny_gpt2), "--data", str(small_data), "--output", "/proc/lora_ft/out"]
+    code, _, err = run_main([*argv, "--max-steps", "1"], capsys)
+    assert code == 2 and err == "error: /proc/lora_ft/out: cannot write there (No such file or directory)\n"
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_checkpoints(
+    small_data: Path, tiny_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from lora_ft import training
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(training.adapters, "save_adapter", full)
+    output = tmp_path / "adapter"
+    argv = ["spam", "--model", str(tiny_gpt2), "--data", str(small_data), "--output", str(output), "--max-steps", "4"]
+    code, _, err = run_main([*argv, "--quiet"], capsys)
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: {tmp_path}/adapter_model.safetensors: No space left on device",
+        f"checkpoints kept in {tmp_path}/.adapter.partial",
+        f"resume with: python -m lora_ft spam --resume {output}",
+    ]
