@@ -161,18 +161,12 @@ def _train_config(task: str, args: argparse.Namespace) -> tuple[RunConfig, Path 
     recorded = run.record["config"] | validate(own, str(run.folder / runs.RUN_RECORD), task)
     recorded["output"] = str(runs.output_of(run.folder))  # where the run is, whatever folder it was started from
     given = validate({k: v for k, v in _overrides(args).items() if v is not None}, "command line", task)
-    differ = [f"--{k.replace('_', '-')} {v} (was {recorded[k]})" for k, v in given.items() if not _same(k, v, recorded)]
+    differ = [
+        f"--{k.replace('_', '-')} {v} (was {recorded[k]})" for k, v in given.items() if not runs.same(k, v, recorded[k])
+    ]
     if differ:
         raise UserError(f"--resume {args.resume}: differs from the interrupted run: {', '.join(differ)}")
     return RunConfig(**recorded), run.checkpoint
-
-
-def _same(key: str, value: Any, recorded: dict[str, Any]) -> bool:
-    from .runs import PATHS
-
-    if key in PATHS and value is not None and recorded[key] is not None:
-        return Path(value).expanduser().resolve() == Path(recorded[key]).expanduser().resolve()
-    return value == recorded[key]
 
 
 def run_train(args: argparse.Namespace) -> int:

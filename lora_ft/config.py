@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -162,24 +163,34 @@ def validate(values: dict[str, Any], source: str, task: str | None = None) -> di
         if key == "task":
             field = dataclasses.fields(RunConfig)[0]
         elif key not in fields:
-            raise UserError(f"{source}: unknown key '{key}' (known: {', '.join(fields)})")
+            raise UserError(f"{source}: unknown key {_shown(key)} (known: {', '.join(fields)})")
         else:
             field = fields[key]
         owner = field.metadata["task"]
         if task in TASKS and owner not in (None, task):
             raise UserError(f"{source}: '{key}' belongs to task {owner}, not {task}")
         if not _type_ok(value, hints[key]):
-            raise UserError(f"{source}: '{key}' must be {_type_name(hints[key])}, got {value!r}")
+            raise UserError(f"{source}: '{key}' must be {_type_name(hints[key])}, got {_shown(value)}")
         test, must = field.metadata["check"] or (None, "")
         if value is not None and test is not None and not test(value):
-            raise UserError(f"{source}: '{key}' {must}, got {value!r}")
+            raise UserError(f"{source}: '{key}' {must}, got {_shown(value)}")
     return values
+
+
+def _shown(value: Any) -> str:
+    """A value as an error shows it: repr, so one line whatever it holds (a key with a newline, a NUL), and cut
+    short, so that a YAML alias bomb or a 4,000-digit number is not a megabyte-long message."""
+    shown = _SHORT.repr(value)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
+_SHORT = reprlib.Repr()  # Python 3.11's takes no arguments
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong, _SHORT.maxlevel = 80, 80, 40, 3
 
 
 def read_recipe(path: Path, task: str | None = None) -> dict[str, Any]:
     try:
-        files.check_size(path, files.MAX_RECORD_BYTES, "recipe")
-        text = path.read_text(encoding="utf-8")
+        text = files.read_bytes(path, files.MAX_RECORD_BYTES, "recipe").decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: recipe file not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -190,6 +201,8 @@ def read_recipe(path: Path, task: str | None = None) -> dict[str, Any]:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except RecursionError:
         raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
+    except (ValueError, AttributeError, KeyError) as e:  # PyYAML's constructors on a scalar it cannot convert
+        raise UserError(f"{path}: not valid YAML (a value cannot be read: {_shown(str(e))})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -226,6 +239,8 @@ def load_config(task: str, recipe: str | Path | None = None, overrides: dict[str
 def choose_model(task: str, defaults: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
     """`defaults` with the `chosen` values on top; when no model is named there, GPT-2, or when GPT-2 cannot be had
     (not cached, and offline or the Hub unreachable) the fallback model with its recipe, saying so once."""
+    if chosen.get("model", ...) is None:  # `model: null` in a recipe asks for the default, as leaving it out does
+        chosen = {k: v for k, v in chosen.items() if k != "model"}
     values = defaults | chosen
     if values.get("model") is not None:
         return values

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from .errors import UserError
-from .files import ASSETS, MAX_INPUT_BYTES, check_size, checked, lines, parse_json
+from .files import ASSETS, GB, MAX_INPUT_BYTES, checked, lines, parse_json, read_bytes
+
+log = logging.getLogger("lora_ft")
 
 DATA_DIR_ENV = "LORA_FT_DATA_DIR"
 SPLITS = ("train", "val", "test")
@@ -51,6 +55,10 @@ def resolve_data_file(known: KnownDataset, path: str | None = None) -> Path:
     against its sha256."""
     if path is not None:
         p = Path(path).expanduser()
+        if p.is_dir():
+            raise UserError(f"{p}: a folder, not a data file")
+        if p.exists() and not p.is_file():  # its sha256 goes in the run record, then it is read: it must read twice
+            raise UserError(f"{p}: not a regular file (a pipe or device cannot be read twice); save it to a file first")
         if not p.is_file():
             raise UserError(f"{p}: data file not found")
         return p.resolve()
@@ -67,11 +75,15 @@ def read_input(spec: str, stdin_name: str = "<stdin>") -> tuple[Path, str]:
     """A file of inputs to answer (`predict --file`, `generate --file`), or standard input for "-": its name (a
     suffix tells the format) and its text."""
     if spec == "-":
-        return Path(stdin_name), sys.stdin.read()
+        text = sys.stdin.read(MAX_INPUT_BYTES + 1)
+        if len(text) > MAX_INPUT_BYTES:
+            raise UserError(f"{stdin_name}: more than the {MAX_INPUT_BYTES / GB:.2g} GB a file of inputs may be")
+        return Path(stdin_name), text
     try:
-        check_size(Path(spec), MAX_INPUT_BYTES, "file of inputs")
-        return Path(spec), Path(spec).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        return Path(spec), read_bytes(Path(spec), MAX_INPUT_BYTES, "file of inputs").decode("utf-8")
+    except OSError as e:
+        raise UserError(f"{spec}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
         raise UserError(f"{spec}: cannot read ({e})") from None
 
 
@@ -80,8 +92,7 @@ def read_input(spec: str, stdin_name: str = "<stdin>") -> tuple[Path, str]:
 
 def _read_text(path: Path) -> str:
     try:
-        check_size(path, MAX_INPUT_BYTES, "data file")
-        data = path.read_bytes()
+        data = read_bytes(path, MAX_INPUT_BYTES, "data file")
     except OSError as e:
         raise UserError(f"{path}: cannot read data file ({e.strerror})") from None
     if not data.strip():
@@ -97,11 +108,19 @@ def _read_text(path: Path) -> str:
 
 
 def _checked_row(path: Path, where: str, label: str, text: str) -> tuple[str, str]:
-    if not label:
+    if not label.strip():
         raise UserError(f"{path}: {where} has an empty label")
     if not text.strip():
         raise UserError(f"{path}: {where} has an empty text")
     return label, text
+
+
+def _label_text(path: Path, where: str, value: object) -> str:
+    """A table's label as text. JSON gives types: an integer is its decimal string (0 and "0" are one class); a bool,
+    float, list or object is refused, since `false` would become "False" beside a "0", and 1.0 "1.0" beside a "1"."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(f"{path}: {where}: 'label' must be a string or an integer, got {type(value).__name__}")
+    return str(value)
 
 
 def _label_text_lines(path: Path, text: str) -> list[tuple[str, str]]:
@@ -113,7 +132,7 @@ def _label_text_lines(path: Path, text: str) -> list[tuple[str, str]]:
         if "\t" not in line:
             raise UserError(f"{path}: line {number} has no tab between label and text")
         label, message = line.split("\t", 1)
-        rows.append(_checked_row(path, f"line {number}", label.strip(), message))
+        rows.append(_checked_row(path, f"line {number}", label, message))
     return rows
 
 
@@ -166,22 +185,53 @@ def _table_rows(path: Path, text: str) -> list[tuple[str, str]]:
             raise UserError(f"{path}: {where} {number} has no '{missing[0]}'")
         if not isinstance(record["text"], str):
             raise UserError(f"{path}: {where} {number}: 'text' must be a string, got {type(record['text']).__name__}")
-        rows.append(_checked_row(path, f"{where} {number}", str(record["label"]).strip(), record["text"]))
+        label = _label_text(path, f"{where} {number}", record["label"])
+        rows.append(_checked_row(path, f"{where} {number}", label, record["text"]))
     return rows
 
 
 def read_labeled(path: Path) -> list[tuple[str, str]]:
     """(label, text) pairs. `.csv`, `.jsonl` and `.tsv` with a text/label header are tables; any other file
-    (the SMS Spam Collection has no extension) is `label<TAB>text` lines."""
+    (the SMS Spam Collection has no extension) is `label<TAB>text` lines. Labels are stripped of surrounding
+    whitespace, and labels that differ only in case are refused."""
     text = _read_text(path)
     first_line = lines(text)[0].lower().split("\t")
     is_table = path.suffix.lower() in (".csv", ".jsonl", ".json") or (
         path.suffix.lower() == ".tsv" and {"text", "label"} <= {c.strip() for c in first_line}
     )
-    rows = _table_rows(path, text) if is_table else _label_text_lines(path, text)
+    rows = _stripped_labels(path, _table_rows(path, text) if is_table else _label_text_lines(path, text))
+    _refuse_case_variants(path, Counter(label for label, _ in rows))
     if len({label for label, _ in rows}) < 2:
         raise UserError(f"{path}: needs at least two different labels, found {sorted({r[0] for r in rows})}")
     return rows
+
+
+def _stripped_labels(path: Path, rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Labels without their surrounding whitespace, in every format (`spam ` is `spam`), saying so when any had
+    some: a silent rule would hide a file that is not what its author thinks."""
+    padded = Counter(label for label, _ in rows if label != label.strip())
+    if padded:
+        example = next(iter(padded))
+        log.warning(
+            "%s: %d label%s had spaces around them, read without (%r as %r)",
+            path, padded.total(), "s" if padded.total() > 1 else "", example, example.strip(),
+        )  # fmt: skip
+    return [(label.strip(), text) for label, text in rows]
+
+
+def _refuse_case_variants(path: Path, counts: Counter[str]) -> None:
+    """Labels that differ only in case (`spam`, `Spam`) would silently train as separate classes: refuse them,
+    naming the first group's variants with their row counts (most rows first) and how many groups there are."""
+    groups: dict[str, list[str]] = {}
+    for label in counts:  # in the order the file first gives them
+        groups.setdefault(label.casefold(), []).append(label)
+    clashes = [group for group in groups.values() if len(group) > 1]
+    if not clashes:
+        return
+    first = sorted(clashes[0], key=lambda label: -counts[label])
+    named = ", ".join(f"{label!r} ({counts[label]} row{'s' if counts[label] != 1 else ''})" for label in first)
+    more = f" (and {len(clashes) - 1} more such group{'s' if len(clashes) > 2 else ''})" if len(clashes) > 1 else ""
+    raise UserError(f"{path}: labels differ only in case: {named}{more}; make them identical")
 
 
 def split_indices(

@@ -7,8 +7,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -45,11 +47,18 @@ MAX_INPUT_BYTES = 1 * GB  # a data or request file is read whole: larger ones ar
 MAX_RECORD_BYTES = 64 << 20  # a manifest, run record or recipe
 
 
-def check_size(path: Path, limit: int, what: str) -> None:
-    """Refuse a file larger than `limit` bytes before it is read whole (a 12 GB file would end in MemoryError)."""
-    size = path.stat().st_size
-    if size > limit:
-        raise UserError(f"{path}: {size / GB:.1f} GB, more than the {limit / GB:.2g} GB a {what} may be")
+def read_bytes(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of `path`, refused when over `limit` before they are read whole (a 12 GB file would end in
+    MemoryError). A regular file is refused by its size; anything else (a pipe such as `<(cmd)`, a FIFO, a device
+    such as /dev/urandom that never ends) by reading no more than the limit."""
+    with open(path, "rb") as f:
+        found = os.fstat(f.fileno())
+        if stat.S_ISREG(found.st_mode) and found.st_size > limit:
+            raise UserError(f"{path}: {found.st_size / GB:.1f} GB, more than the {limit / GB:.2g} GB a {what} may be")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{path}: more than the {limit / GB:.2g} GB a {what} may be")
+    return data
 
 
 def lines(text: str) -> list[str]:
@@ -59,11 +68,17 @@ def lines(text: str) -> list[str]:
 
 
 def parse_json(text: str) -> Any:
-    """json.loads, with nesting too deep for Python's parser (RecursionError) a ValueError like any bad JSON."""
+    """json.loads, raising only JSONDecodeError on bad input so that callers catch one error: also for nesting too
+    deep for Python's parser (a RecursionError) and for an integer over Python's 4,300 digits (a plain ValueError)."""
     try:
         return json.loads(text)
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", text[:1], 0) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits() (4,300 by default)
+        digits = re.search(r"\d{4301,}", text)
+        raise json.JSONDecodeError("an integer with too many digits", text, digits.start() if digits else 0) from None
 
 
 def cache_dir() -> Path:

@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import UserError
-from .files import MANIFEST_NAME, MAX_RECORD_BYTES, check_size, parse_json, sha256_file
+from .files import MANIFEST_NAME, MAX_RECORD_BYTES, parse_json, read_bytes, sha256_file
 
 FILENAME = MANIFEST_NAME
 
@@ -41,6 +41,8 @@ class Manifest(dict):
     generation: dict[str, Any] | None = Section()  # instruct: how the test answers were generated
     merge: dict[str, Any] | None = Section()  # a merged export: onto what, how, and the check
     REQUIRED = ("task", "created", "config", "base", "lora", "data", "metrics", "training", "versions")
+    TEXTS = ("task", "created")  # strings; the other sections are JSON objects
+    OPTIONAL = ("labels", "generation", "merge")  # objects, or null or absent
 
     @property
     def run_config(self) -> RunConfig:
@@ -93,13 +95,25 @@ class Manifest(dict):
         if not path.is_file():
             raise UserError(f"{folder}: not a lora_ft adapter folder (no {FILENAME})")
         try:
-            check_size(path, MAX_RECORD_BYTES, "manifest")
-            value = parse_json(path.read_text(encoding="utf-8"))
+            value = parse_json(read_bytes(path, MAX_RECORD_BYTES, "manifest").decode("utf-8"))
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(value, dict):
             raise UserError(f"{path}: a manifest is a JSON object, got {type(value).__name__}")
-        missing = [key for key in cls.REQUIRED if not isinstance(value.get(key), (dict, str))]
+        missing = [key for key in cls.REQUIRED if value.get(key) is None]
         if missing:
             raise UserError(f"{path}: not a complete manifest (no '{missing[0]}')")
+        cls._check_types(path, value)
         return cls(value)
+
+    @classmethod
+    def _check_types(cls, path: Path, value: dict[str, Any]) -> None:
+        """Each section has the JSON type its typed attribute promises, so that readers of `manifest.task` or
+        `manifest.metrics.get(...)` need not check (what is inside a section is its readers' business)."""
+        for key in (*cls.REQUIRED, *cls.OPTIONAL):
+            want = str if key in cls.TEXTS else dict
+            if value.get(key) is not None and not isinstance(value[key], want):  # missing or null: refused above
+                got = type(value[key]).__name__
+                raise UserError(f"{path}: '{key}' must be {'a string' if want is str else 'an object'}, got {got}")

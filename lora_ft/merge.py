@@ -19,6 +19,8 @@ TOLERANCE = 1e-4  # max abs logit difference allowed between the float32 merge a
 CHECK_EXAMPLES = 8
 CHECK_MAX_TOKENS = 128
 CHECK_FLOAT64_MAX_PARAMETERS = 1_000_000_000  # above, the float64 copy for the check would need > 8 GB
+
+
 @dataclass
 class MergeResult:
     output: Path

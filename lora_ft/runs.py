@@ -18,9 +18,9 @@ from .errors import RunKept, UserError
 from .files import (
     MAX_RECORD_BYTES,
     check_output_free,
-    check_size,
     now_iso,
     parse_json,
+    read_bytes,
     replace_folder,
     sha256_file,
     write_json_atomically,
@@ -95,7 +95,7 @@ def check_not_running(folder: Path) -> None:
 
 
 def running(folder: Path) -> str | None:
-    """"PID N" of the live process that holds `folder`'s lock, or None when no process does."""
+    """ "PID N" of the live process that holds `folder`'s lock, or None when no process does."""
     lock = _lock(folder, probe=True)
     if lock is not None:
         os.close(lock)
@@ -159,7 +159,7 @@ def _remove_incomplete(folder: Path) -> None:
 
 def complete(checkpoint: Path) -> bool:
     try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        state = parse_json((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(state, dict) and isinstance(state.get("global_step"), int)
@@ -317,16 +317,30 @@ def check_resume(checkpoint: Path, record: dict[str, Any]) -> None:
         raise UserError(f"{run_folder}: cannot resume, this run differs from the interrupted one: {'; '.join(differ)}")
 
 
+def same(key: str, value: Any, recorded: Any) -> bool:
+    """Whether a setting given now is the recorded one: paths (`PATHS`) compared as resolved."""
+    if key in PATHS and value is not None and recorded is not None:
+        return Path(value).expanduser().resolve() == Path(recorded).expanduser().resolve()
+    return value == recorded
+
+
 def read_run_record(folder: Path) -> dict[str, Any]:
     path = folder / RUN_RECORD
     try:
-        check_size(path, MAX_RECORD_BYTES, "run record")
-        record = parse_json(path.read_text(encoding="utf-8"))
+        record = parse_json(read_bytes(path, MAX_RECORD_BYTES, "run record").decode("utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({e})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        raise UserError(f"{path}: not a run record (a JSON object with a 'config')")
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: not a run record (a JSON object), got {type(record).__name__}")
+    for key, want in RECORD_SHAPE.items():
+        if not isinstance(record.get(key), want):
+            raise UserError(f"{path}: not a run record ('{key}' must be {'a string' if want is str else 'an object'})")
+    if not isinstance(record["data"].get("sha256"), str):
+        raise UserError(f"{path}: not a run record ('data' has no 'sha256')")
     return record
+
+
+RECORD_SHAPE = {"task": str, "output": str, "config": dict, "data": dict, "base": dict}  # what check_resume reads
 
 
 def _task_of(folder: Path) -> str | None:

@@ -34,7 +34,7 @@ def test_no_import_loop():
     graph, done, path = imports(), set(), []
 
     def visit(module: str) -> None:
-        assert module not in path, f"import loop: {' -> '.join([*path[path.index(module):], module])}"
+        assert module not in path, f"import loop: {' -> '.join([*path[path.index(module) :], module])}"
         if module in done:
             return
         path.append(module)

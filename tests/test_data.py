@@ -1,5 +1,7 @@
 import hashlib
 import json
+import os
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -164,3 +166,83 @@ def test_line_separators_inside_messages_are_text(tmp_path: Path):
         "".join(json.dumps({"text": t, "label": "ab"[i % 2]}, ensure_ascii=False) + "\n" for i, t in enumerate(odd))
     )
     assert [text for _, text in data.read_labeled(jsonl)] == odd
+
+
+def test_labels_that_differ_only_in_case_are_refused_naming_them(tmp_path: Path):
+    path = tmp_path / "data.csv"
+    rows = [("spam", "win")] * 5 + [("Spam", "win now")] * 2 + [("ham", "hi")] * 3 + [("HAM", "yo"), ("Ham", "hey")]
+    path.write_text("label,text\n" + "".join(f"{label},{text}\n" for label, text in rows))
+    with pytest.raises(UserError) as error:
+        data.read_labeled(path)
+    assert str(error.value) == (
+        f"{path}: labels differ only in case: 'spam' (5 rows), 'Spam' (2 rows) (and 1 more such group); "
+        "make them identical"
+    )
+
+
+@pytest.mark.parametrize("suffix", ["", ".tsv", ".csv", ".jsonl"])
+def test_labels_that_differ_only_in_surrounding_whitespace_are_one_class(tmp_path: Path, suffix: str, caplog):
+    labelled = [("spam", "win"), ("spam ", "win now"), (" ham", "hi"), ("ham\t", "hello")]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"label": label, "text": text}) + "\n" for label, text in labelled))
+    elif suffix == ".csv":
+        path.write_text("label,text\n" + "".join(f'"{label}",{text}\n' for label, text in labelled))
+    else:  # label<TAB>text lines (a .tsv without a header is read so too); a tab inside a label cannot be written
+        path.write_text("".join(f"{label.strip(chr(9))}\t{text}\n" for label, text in labelled))
+    assert [label for label, _ in data.read_labeled(path)] == ["spam", "spam", "ham", "ham"]
+    padded = 2 if suffix in ("", ".tsv") else 3  # a tab around a label cannot be written in label<TAB>text
+    assert caplog.messages == [f"{path}: {padded} labels had spaces around them, read without ('spam ' as 'spam')"]
+
+
+def test_json_labels_are_strings_or_integers(tmp_path: Path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"text": "a", "label": 0}, {"text": "b", "label": "0"}, {"text": "c", "label": 1}]))
+    assert data.read_labeled(path) == [("0", "a"), ("0", "b"), ("1", "c")]  # 0 and "0" are one class
+
+
+@pytest.mark.parametrize(
+    ("labels", "refused"),
+    [((0, False), "item 2: 'label' must be a string or an integer, got bool"), ((1, 1.0), "item 2: .* got float")],
+)
+def test_json_labels_of_other_types_are_refused(tmp_path: Path, labels: tuple, refused: str):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"text": "a", "label": label} for label in labels]))
+    with pytest.raises(UserError, match=f"^{path}: {refused}$"):
+        data.read_labeled(path)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "refused"), [(".json", "not valid JSON at line 2, column 25"), (".jsonl", "line 2")]
+)
+def test_an_integer_longer_than_python_converts_is_bad_json(tmp_path: Path, suffix: str, refused: str):
+    # json.loads raised a plain ValueError (Python's 4,300-digit limit), which the readers did not catch
+    path = tmp_path / f"data{suffix}"
+    records = ['{"text": "a", "label": "x"}', '{"text": "b", "label": ' + "1" * 5000 + "}"]
+    path.write_text(f"[{records[0]},\n {records[1]}]" if suffix == ".json" else "\n".join(records))
+    with pytest.raises(UserError, match=f"^{path}: {refused}.*an integer with too many digits"):
+        data.read_labeled(path)
+
+
+def test_data_that_is_a_folder_or_a_device_is_refused(tmp_path: Path):
+    with pytest.raises(UserError, match=f"^{tmp_path}: a folder, not a data file$"):
+        data.resolve_data_file(data.SMS_SPAM, str(tmp_path))
+    with pytest.raises(UserError, match=r"^/dev/zero: not a regular file \(a pipe or device cannot be read twice\)"):
+        data.resolve_data_file(data.SMS_SPAM, "/dev/zero")
+
+
+def test_a_file_of_inputs_that_never_ends_is_refused_at_the_limit(monkeypatch: pytest.MonkeyPatch):
+    """/dev/zero has no size to refuse it by (it was read until the process was killed): reading stops at the limit."""
+    monkeypatch.setattr(data, "MAX_INPUT_BYTES", 1 << 20)
+    with pytest.raises(UserError, match=r"^/dev/zero: more than the 0.00098 GB a file of inputs may be$"):
+        data.read_input("/dev/zero")
+
+
+def test_a_file_of_inputs_from_a_pipe_is_read(tmp_path: Path):
+    """Process substitution (`--file <(cmd)`) gives a pipe: no size, read once up to the limit."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("hello\nfree prize\n"))
+    writer.start()
+    assert data.read_input(str(fifo)) == (fifo, "hello\nfree prize\n")
+    writer.join()
