@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,33 +39,47 @@ class Setup:
     group_by_length: bool
     warmup_steps: int
     timed_steps: int | None  # None: the rest of one whole epoch
+    model_dropout: float | None = None  # None: as GPT-2 ships (0.1)
+    lora_dropout: float = 0.05
+    activation_checkpointing: bool = False
 
 
 def setups(quick: bool) -> list[Setup]:
-    """(a) lora_ft's defaults, (b) the naive baseline, (c) full fine-tuning on the default path (for memory)."""
+    """(a) lora_ft's defaults (the spam recipe's), (b) the naive baseline, (c) full fine-tuning on the default path
+    (for memory)."""
+    from .config import task_defaults
+
+    recipe = task_defaults("spam")
     lora_ft = Setup(
         name="lora_ft",
-        description="LoRA, precision auto, dynamic padding, length-grouped",
+        description="LoRA, precision auto, dynamic padding, length-grouped, dropout as the recipe",
         lora=True,
         precision="auto",
         pad_to=None,
         group_by_length=True,
         warmup_steps=3,
         timed_steps=20 if quick else None,
+        model_dropout=recipe["model_dropout"],
+        lora_dropout=recipe["lora_dropout"],
     )
-    naive = replace(
+    naive = replace(  # what a first script does: the model as it loads, PEFT's usual example settings
         lora_ft,
         name="naive",
-        description=f"LoRA, fp32, every input padded to {NAIVE_LENGTH}, random order",
+        description=f"LoRA, fp32, every input padded to {NAIVE_LENGTH}, random order, GPT-2's dropout 0.1",
         precision="fp32",
         pad_to=NAIVE_LENGTH,
         group_by_length=False,
         warmup_steps=2,
         timed_steps=12 if quick else None,  # alike in size, but their times vary by a quarter
+        model_dropout=None,
+        lora_dropout=0.05,
     )
     # The same steps as lora_ft: peak RSS creeps up with the steps run (the allocator keeps freed memory).
     full = replace(lora_ft, name="full", description="full fine-tuning, otherwise as lora_ft", lora=False)
-    return [lora_ft, naive, full]
+    checkpointed = replace(
+        lora_ft, name="lora_ckpt", description="lora_ft with --activation-checkpointing", activation_checkpointing=True
+    )
+    return [lora_ft, naive, full, checkpointed]
 
 
 class StepTimer(TrainerCallback):
@@ -101,6 +116,40 @@ def flops_per_token(model: torch.nn.Module, width: int, precision: str, batch_si
     return counter.get_total_flops() / (batch_size * width)
 
 
+def matmul_shapes(hidden: int = 768, tokens: int = 2048) -> list[tuple[int, int, int]]:
+    """(tokens, in, out) of a GPT-2 block's four projections (c_attn, attention c_proj, c_fc, MLP c_proj): the
+    products that make up nearly all of a step's FLOPs."""
+    return [
+        (tokens, hidden, 3 * hidden),
+        (tokens, hidden, hidden),
+        (tokens, hidden, 4 * hidden),
+        (tokens, 4 * hidden, hidden),
+    ]
+
+
+def matmul_peak(dtype: torch.dtype, shapes: list[tuple[int, int, int]], budget: float = 1.0) -> dict[str, Any]:
+    """The machine's own ceiling for `dtype`: the best GFLOP/s of a plain matrix product at the model's shapes, each
+    timed for about `budget` seconds (at least twice). The MFU of a setup is measured against the peak of the
+    precision it ran, on the device it ran (the CPU's threads as torch uses them, or the GPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    best: dict[str, float] = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        times = []
+        while len(times) < 2 or (sum(times) < budget and len(times) < 50):
+            start = _now(device)
+            torch.mm(a, b)
+            times.append(_now(device) - start)
+        best[f"{m}x{k}x{n}"] = 2 * m * k * n / min(times[1:]) / 1e9  # the first may pay for warm-up
+    return {"gflops_per_second": max(best.values()), "by_shape": best, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def seconds_per_epoch(durations: list[float], tokens: list[int], epoch_tokens: list[int]) -> float:
     """A whole epoch from the timed steps: a least-squares fit of seconds = a + b * tokens per step (length-grouped
     batches vary in width), summed over the epoch's batches; a plain mean when the timed steps are all one size."""
@@ -134,12 +183,15 @@ def measure(
     from . import callbacks, spam, training
     from .config import load_config
 
-    config = load_config("spam", overrides={"model": "gpt2", "data": data, "seed": seed})  # GPT-2's recipe
+    overrides = {"model": "gpt2", "data": data, "seed": seed, "lora_dropout": setup.lora_dropout}
+    overrides["activation_checkpointing"] = setup.activation_checkpointing
+    config = load_config("spam", overrides=overrides)  # GPT-2's recipe
     _, splits = spam.load_splits(config)
     tok = load_tokenizer(tokenizer)
     set_seed(seed)
     architecture = {"num_labels": 2, "pad_token_id": tok.pad_token_id, **(architecture or {})}
     model: Any = GPT2ForSequenceClassification(GPT2Config(**architecture))
+    models.set_dropout(model, setup.model_dropout)
     if setup.lora:
         model = get_peft_model(model, models.lora_config(model, TaskType.SEQ_CLS, config))
     if setup.pad_to:
@@ -225,6 +277,50 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def measure_course(
+    quick: bool, tokenizer: str | None, data: str | None, seed: int, architecture: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The course's own LoRA code (`course.py`) on lora_ft's training split, batch size and rank; run it in a fresh
+    process, as `measure`."""
+    from . import course, spam
+    from .config import load_config
+
+    config = load_config("spam", overrides={"model": "gpt2", "data": data, "seed": seed})
+    _, splits = spam.load_splits(config)
+    train = splits["train"]
+    names = {"n_layer": "n_layers", "n_embd": "emb_dim", "n_head": "n_heads", "n_positions": "context_length"}
+    result = course.measure(
+        list(train["text"]),
+        list(train["label"]),
+        load_tokenizer(tokenizer),
+        batch_size=config.batch_size,
+        rank=config.lora_r,
+        timed_steps=12 if quick else None,
+        architecture={names.get(key, key): value for key, value in (architecture or {}).items()},
+        seed=seed,
+    )
+    version = result["llms_from_scratch_version"]
+    description = f"the course's LoRA code (llms-from-scratch {version}), fp32, padded to {result['pad_to']}"
+    real = result["real_tokens_per_epoch"] / result["seconds_per_epoch"]
+    return result | {
+        "description": description,
+        "precision_run": "fp32",
+        "epoch_measured_whole": not quick,
+        "real_tokens_per_second": real,
+    }
+
+
+def mfu(result: dict[str, Any], peaks: dict[str, float]) -> float | None:
+    """Model-FLOP utilisation: the FLOPs the data needs (counted FLOPs per token times the *real* tokens of an epoch:
+    work on padding is waste) per second, over the matmul peak of the precision the setup ran."""
+    peak = peaks.get(result["precision_run"])
+    return (
+        result["flops_per_padded_token"] * result["real_tokens_per_epoch"] / result["seconds_per_epoch"] / 1e9 / peak
+        if peak
+        else None
+    )
+
+
 def run(
     quick: bool = False,
     tokenizer: str | None = None,
@@ -233,21 +329,45 @@ def run(
     initializer: Callable[[], None] | None = None,
     architecture: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Measure every setup, each in a fresh process (started with `initializer`), and compare: the speedup of
-    lora_ft's path over the naive one (seconds per epoch) and its peak memory against full fine-tuning."""
+    """Measure the machine's matmul peaks, then every setup and the course's code (when installed), each in a fresh
+    process (started with `initializer`), and compare: lora_ft's speedup over the naive path and over the course
+    (seconds per epoch), its model-FLOP utilisation, and its peak memory against full fine-tuning."""
+    from . import course
+
     load_tokenizer(tokenizer)  # fail here, not in a worker
+    hidden = (architecture or {}).get("n_embd", 768)
+    precisions = {"fp32": torch.float32, "bf16": torch.bfloat16} | (
+        {"fp16": torch.float16} if torch.cuda.is_available() else {}
+    )
+    peaks = {name: matmul_peak(dtype, matmul_shapes(hidden))["gflops_per_second"] for name, dtype in precisions.items()}
     results = {}
-    for setup in setups(quick):
+    jobs: dict[str, Callable[[], Any]] = {
+        s.name: partial(measure, s, tokenizer, data, seed, architecture) for s in setups(quick)
+    }
+    missing = course.available()
+    if missing is None:
+        jobs["course"] = partial(measure_course, quick, tokenizer, data, seed, architecture)
+    for name, job in jobs.items():
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(1, context, initializer) as worker:
-            results[setup.name] = worker.submit(measure, setup, tokenizer, data, seed, architecture).result()
+            results[name] = worker.submit(job).result()
+        results[name]["mfu"] = mfu(results[name], peaks)
     memory = "peak_cuda_bytes" if torch.cuda.is_available() else "peak_rss_bytes"
+    ours = results["lora_ft"]
     return {
         "quick": quick,
         "model": f"GPT-2 architecture {architecture or '124M'}, random weights",
-        "machine": machine(),
+        "machine": machine() | {"matmul_peak_gflops_per_second": peaks},
         "setups": results,
-        "speedup_vs_naive": results["naive"]["seconds_per_epoch"] / results["lora_ft"]["seconds_per_epoch"],
-        "peak_rss_ratio_lora_vs_full": results["lora_ft"]["peak_rss_bytes"] / results["full"]["peak_rss_bytes"],
-        "peak_memory_ratio_lora_vs_full": results["lora_ft"][memory] / results["full"][memory],
+        "mfu": ours["mfu"],
+        "speedup_vs_naive": results["naive"]["seconds_per_epoch"] / ours["seconds_per_epoch"],
+        "speedup_vs_course": results["course"]["seconds_per_epoch"] / ours["seconds_per_epoch"]
+        if "course" in results
+        else None,
+        "course_missing": missing,
+        "peak_rss_ratio_lora_vs_full": ours["peak_rss_bytes"] / results["full"]["peak_rss_bytes"],
+        "peak_memory_ratio_lora_vs_full": ours[memory] / results["full"][memory],
+        # what --activation-checkpointing trades: memory saved against time lost, both as ratios to lora_ft
+        "checkpointing_memory_ratio": results["lora_ckpt"][memory] / ours[memory],
+        "checkpointing_time_ratio": results["lora_ckpt"]["seconds_per_epoch"] / ours["seconds_per_epoch"],
     }

@@ -343,10 +343,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(report.bench_table(figures))
     if args.quick:
         print("* seconds per epoch extrapolated from the timed steps (fit of seconds against tokens per step)")
-    print(
-        f"speedup vs naive: {figures['speedup_vs_naive']:.2f}x; "
-        f"peak RSS LoRA / full fine-tuning: {figures['peak_rss_ratio_lora_vs_full']:.2f}"
-    )
+    print(report.bench_summary(figures))
     if args.json:
         files.write_json_atomically(Path(args.json), figures)
         print(f"figures: {args.json}")

@@ -81,7 +81,10 @@ class RunConfig:
     warmup_ratio: float = setting(0.0, "share of steps spent warming up the learning rate", check=FRACTION)
     lora_r: int = setting(16, "LoRA rank", check=POSITIVE)
     lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", check=POSITIVE)
-    lora_dropout: float = setting(0.05, "dropout on the LoRA input", check=FRACTION)
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input", check=FRACTION, per_task={"instruct": 0.05})
+    model_dropout: float | None = setting(
+        0.0, "the base model's own dropout (GPT-2 ships 0.1; null: as the model ships)", check=FRACTION
+    )
     target_modules: list[str] | None = setting(
         None, "module names to adapt (default: per architecture)", check=(bool, "must name at least one module")
     )
@@ -112,6 +115,9 @@ class RunConfig:
         choices=PRECISIONS,
     )
     quantize: str | None = setting(None, "QLoRA: hold the base in 4-bit NF4 or 8-bit (bitsandbytes)", choices=QUANTIZE)
+    activation_checkpointing: bool = setting(
+        False, "keep only each block's input and recompute the rest in backward: less memory, slower steps"
+    )
     seed: int = setting(
         123,
         "seed for the split, the initialisation and the data order",

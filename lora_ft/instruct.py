@@ -95,7 +95,6 @@ def build_trainer(
         max_length=config.max_length,
         completion_only_loss=True,
         packing=False,
-        activation_checkpointing=False,  # TRL turns it on by default; LoRA on small models needs no saving
     )
     lora = models.lora_config(base, TaskType.CAUSAL_LM, config)
     return InstructTrainer(

@@ -77,7 +77,7 @@ def scalar(value: Any) -> str:
 
 
 def bench_table(report: dict[str, Any]) -> str:
-    columns = ("s/epoch", "real tok/s", "GFLOP/s", "peak RSS", "steps timed")
+    columns = ("s/epoch", "real tok/s", "GFLOP/s", "MFU", "peak RSS", "steps timed")
     lines = [f"{'setup':<9}" + "".join(f"{c:>13}" for c in columns) + "  what"]
     for name, r in report["setups"].items():
         timed = f"{r['steps_timed']}{'' if r['epoch_measured_whole'] else '*'}"
@@ -85,11 +85,28 @@ def bench_table(report: dict[str, Any]) -> str:
             f"{r['seconds_per_epoch']:.1f}",
             f"{r['real_tokens_per_second']:.0f}",
             f"{r['gflops_per_second']:.1f}",
+            f"{r['mfu']:.0%}" if r.get("mfu") is not None else "-",
             size(r["peak_rss_bytes"]),
             timed,
         )
         row = "".join(f"{v:>13}" for v in values)
         lines.append(f"{name:<9}{row}  {r['description']} ({r['precision_run']})")
+    return "\n".join(lines)
+
+
+def bench_summary(report: dict[str, Any]) -> str:
+    """The benchmark's ratios in one paragraph: speedups, utilisation against the machine's own peak, memory."""
+    peaks = report["machine"]["matmul_peak_gflops_per_second"]
+    course, precision = report["speedup_vs_course"], report["setups"]["lora_ft"]["precision_run"]
+    memory, time = report["checkpointing_memory_ratio"], report["checkpointing_time_ratio"]
+    lines = [
+        f"matmul peak here: {', '.join(f'{name} {value:.0f} GFLOP/s' for name, value in peaks.items())}",
+        f"speedup vs naive: {report['speedup_vs_naive']:.2f}x; vs the course's code: "
+        + (f"{course:.2f}x" if course is not None else f"not measured ({report['course_missing']})"),
+        f"lora_ft's model-FLOP utilisation: {report['mfu']:.0%} of the {precision} peak",
+        f"peak RSS LoRA / full fine-tuning: {report['peak_rss_ratio_lora_vs_full']:.2f}; with activation "
+        f"checkpointing: memory x{memory:.2f}, time x{time:.2f}",
+    ]
     return "\n".join(lines)
 
 

@@ -78,6 +78,7 @@ def start(
         set_seed(config.seed)  # a new head and the LoRA matrices are initialised from this
         tokenizer = models.load_tokenizer(source)
         base = load_base(source, tokenizer, splits, config, precision)
+        models.set_dropout(base, config.model_dropout)  # before LoRA wraps it: LoRA's own is `lora_dropout`
     positions = getattr(base.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this too
     if positions and config.max_length > positions:  # found now, not while scoring after training
         raise UserError(f"`max_length` {config.max_length}: more than the {positions} positions {config.model} has")
@@ -259,6 +260,9 @@ def training_args(
         ddp_find_unused_parameters=False,  # LoRA and the head are used in every forward pass
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        activation_checkpointing=config.activation_checkpointing,  # TRL's SFTConfig turns it on unless told
+        # non-reentrant, as torch recommends: it needs no input that requires gradients (the base is frozen)
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
     return args_class(**arguments | extra)
 

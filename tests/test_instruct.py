@@ -78,6 +78,15 @@ def test_labels_mask_exactly_the_prompt(tiny_gpt2: Path, tmp_path: Path):
         assert (labels[n:] == -100).all() and (ids[n:] == EOS).all()  # padding: EOS in, no target
     assert trainer.model.peft_config["default"].task_type == "CAUSAL_LM"
 
+    # The loss SFTTrainer trains on projects through the LM head only where a response token is the target (TRL's
+    # fused head: a 50k-wide product per token is most of a small model's work): it must equal the loss of the
+    # full logits over every position, which `response_loss` computes, weighted per token.
+    trainer.model.train(False)
+    with torch.no_grad():
+        fused = trainer.compute_loss(trainer.model, {k: v for k, v in batch.items()})
+    plain = instruct.response_loss(trainer.model, tokenizer, train, batch_size=4)
+    assert fused.item() == pytest.approx(plain["loss"], rel=1e-5)
+
 
 def test_overfit_answers_and_stops_at_eos(instruct_run):
     result, _ = instruct_run

@@ -58,12 +58,12 @@ def test_bad_precision_or_quantize_in_a_recipe(tmp_path: Path):
         load_config("spam", recipe)
 
 
-def _train_mail(tiny_gpt2: Path, folder: Path, **overrides):
+def _train_mail(tiny_gpt2: Path, folder: Path, recipe: Path | None = None, **overrides):
     folder.parent.mkdir(parents=True, exist_ok=True)
     csv_path = folder.parent / "mail.csv"
     csv_path.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in ROWS))
     values = {"model": str(tiny_gpt2), "data": str(csv_path), "output": str(folder), "epochs": 1.0, **overrides}
-    return spam.train(load_config("spam", overrides=values))
+    return spam.train(load_config("spam", recipe, overrides=values))
 
 
 def test_bf16_run_is_recorded_and_tokens_are_counted(tiny_gpt2: Path, tmp_path: Path):
@@ -176,7 +176,55 @@ def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
     assert full["trainable_parameters"] > 100 * lora_ft["trainable_parameters"]
     assert 1.0 < full["flops_per_padded_token"] / lora_ft["flops_per_padded_token"] <= 1.5
     assert report["speedup_vs_naive"] == naive["seconds_per_epoch"] / lora_ft["seconds_per_epoch"]
+    course = report["setups"]["course"]  # the course's own code, installed with `pip install --no-deps`
+    assert report["speedup_vs_course"] == course["seconds_per_epoch"] / lora_ft["seconds_per_epoch"]
+    assert course["steps_per_epoch"] == 1045 // 8 and course["batch_size"] == 8 and course["lora_rank"] == 16
+    peaks = report["machine"]["matmul_peak_gflops_per_second"]
+    assert peaks["fp32"] > 0 and peaks["bf16"] > 0
+    model_gflops = lora_ft["flops_per_padded_token"] * lora_ft["real_tokens_per_epoch"] / lora_ft["seconds_per_epoch"]
+    assert report["mfu"] == lora_ft["mfu"] == pytest.approx(model_gflops / 1e9 / peaks[lora_ft["precision_run"]])
     assert np.isfinite(report["peak_rss_ratio_lora_vs_full"]) and report["peak_rss_ratio_lora_vs_full"] > 0
     table = lora_report.bench_table(report).splitlines()
-    assert [line.split()[0] for line in table] == ["setup", "lora_ft", "naive", "full"]
+    assert [line.split()[0] for line in table] == ["setup", "lora_ft", "naive", "full", "lora_ckpt", "course"]
+    ckpt = report["setups"]["lora_ckpt"]
+    assert report["checkpointing_time_ratio"] == ckpt["seconds_per_epoch"] / lora_ft["seconds_per_epoch"]
     assert f"{naive['seconds_per_epoch']:.1f}" in table[2]
+
+
+def _dropout_rates(model: torch.nn.Module) -> tuple[set[float], set[float]]:
+    """The rates of the base model's own dropout modules, and of LoRA's (PEFT puts an Identity where it is 0)."""
+    rates: tuple[set[float], set[float]] = (set(), set())
+    for name, module in model.named_modules():
+        lora = ".lora_dropout." in name
+        if isinstance(module, torch.nn.Dropout) or (lora and isinstance(module, torch.nn.Identity)):
+            rates[lora].add(getattr(module, "p", 0.0))
+    return rates
+
+
+@pytest.mark.parametrize(
+    ("overrides", "model_rate", "lora_rate"),
+    [({}, 0.0, 0.0), ({"model_dropout": 0.2, "lora_dropout": 0.1}, 0.2, 0.1), ({"model_dropout": "null"}, 0.1, 0.0)],
+    ids=["defaults-off", "set", "as-shipped"],
+)
+def test_dropout_settings_reach_the_model(tiny_gpt2: Path, tmp_path: Path, overrides, model_rate, lora_rate):
+    recipe = tmp_path / "recipe.yaml"  # null (as shipped) can be said in a recipe, not as a flag
+    recipe.write_text("".join(f"{key}: {value}\n" for key, value in overrides.items()))
+    result = _train_mail(tiny_gpt2, tmp_path / "run" / "a", max_steps=1, recipe=recipe)
+    assert _dropout_rates(result.model) == ({model_rate}, {lora_rate})
+    assert result.model.get_base_model().config.resid_pdrop == model_rate  # GPT-2 ships 0.1
+    assert result.manifest["config"]["model_dropout"] == (None if model_rate == 0.1 else model_rate)
+
+
+def test_activation_checkpointing_trains_the_same_adapter(tiny_gpt2: Path, tmp_path: Path):
+    """Recomputing activations in backward changes memory and time, not the result: the gradients reach the LoRA
+    weights (the frozen blocks' inputs need none) and give the same adapter."""
+    plain = _train_mail(tiny_gpt2, tmp_path / "plain" / "a", max_steps=3)
+    saved = _train_mail(tiny_gpt2, tmp_path / "ckpt" / "a", max_steps=3, activation_checkpointing=True)
+    assert saved.manifest["config"]["activation_checkpointing"] is True
+    weights = [load_file(r.adapter_dir / "adapter_model.safetensors") for r in (plain, saved)]
+    initial = _train_mail(tiny_gpt2, tmp_path / "none" / "a", max_steps=1, lr=1e-12)  # barely moved from the init
+    moved = load_file(initial.adapter_dir / "adapter_model.safetensors")
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(weights[1][name], moved[name]) for name in weights[0] if "lora_B" in name)
