@@ -42,6 +42,7 @@ class Setup:
     model_dropout: float | None = None  # None: as GPT-2 ships (0.1)
     lora_dropout: float = 0.05
     activation_checkpointing: bool = False
+    compile: bool = False
 
 
 def setups(quick: bool) -> list[Setup]:
@@ -79,7 +80,9 @@ def setups(quick: bool) -> list[Setup]:
     checkpointed = replace(
         lora_ft, name="lora_ckpt", description="lora_ft with --activation-checkpointing", activation_checkpointing=True
     )
-    return [lora_ft, naive, full, checkpointed]
+    # Its warm-up steps pay for the compile (whole epochs include it); `warmup_seconds` shows what it cost.
+    compiled = replace(lora_ft, name="lora_compile", description="lora_ft with --compile", compile=True)
+    return [lora_ft, naive, full, checkpointed, compiled]
 
 
 class StepTimer(TrainerCallback):
@@ -225,6 +228,8 @@ def measure(
         epoch = [callbacks.batch_tokens(batch) for batch in trainer.get_train_dataloader()]
         trainer.remove_callback(PrinterCallback)  # Trainer prints its logs when there is no progress bar
         flops = flops_per_token(trainer.model, NAIVE_LENGTH, precision)
+        if setup.compile:  # after counting, which runs the blocks under a dispatch mode
+            training.compile_blocks(model)
         trainer.train()
     durations, counted = timer.durations(), trainer.counted_tokens
     timed = slice(setup.warmup_steps if setup.timed_steps else 0, None)
@@ -237,6 +242,7 @@ def measure(
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps_run": len(durations),
         "steps_timed": len(durations[timed]),
+        "warmup_seconds": sum(durations[: setup.warmup_steps]),
         "steps_per_epoch": steps_per_epoch,
         "seconds_per_step": float(np.mean(durations[timed])),
         "seconds_per_epoch": epoch_seconds,
@@ -370,4 +376,5 @@ def run(
         # what --activation-checkpointing trades: memory saved against time lost, both as ratios to lora_ft
         "checkpointing_memory_ratio": results["lora_ckpt"][memory] / ours[memory],
         "checkpointing_time_ratio": results["lora_ckpt"]["seconds_per_epoch"] / ours["seconds_per_epoch"],
+        "compile_speedup": ours["seconds_per_epoch"] / results["lora_compile"]["seconds_per_epoch"],
     }

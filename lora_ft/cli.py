@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure training speed and memory: lora_ft vs naive vs full FT")
     bench.add_argument("--quick", action="store_true", help="time a few steps per setup, extrapolate each epoch")
+    bench.add_argument("--inference", action="store_true", help="measure predict and generate instead (vs naive loops)")
     bench.add_argument("--json", help="also write the figures to this JSON file")
     bench.add_argument("--tokenizer", help="GPT-2 tokenizer: Hub id or folder (default: the copy shipped with lora_ft)")
     bench.add_argument("--data", help="SMS spam file (default: $LORA_FT_DATA_DIR, then the copy shipped with lora_ft)")
@@ -333,17 +334,21 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from . import bench, files
+    from . import bench, bench_inference, files
 
     machine = bench.machine()
     where = machine.get("gpu") or machine["cpu"]
     print(f"machine: {where}, {machine['cpu_threads']} threads, torch {machine['torch']}")
-    quiet = None if args.debug else progress.quiet_libraries  # each setup runs in a fresh process, set up by this
-    figures = bench.run(args.quick, args.tokenizer, args.data, args.seed, quiet)
-    print(report.bench_table(figures))
-    if args.quick:
-        print("* seconds per epoch extrapolated from the timed steps (fit of seconds against tokens per step)")
-    print(report.bench_summary(figures))
+    if args.inference:
+        figures = bench_inference.run(args.quick, args.tokenizer, args.data, args.seed)
+        print(report.inference_summary(figures))
+    else:
+        quiet = None if args.debug else progress.quiet_libraries  # each setup runs in a fresh process, set up by this
+        figures = bench.run(args.quick, args.tokenizer, args.data, args.seed, quiet)
+        print(report.bench_table(figures))
+        if args.quick:
+            print("* seconds per epoch extrapolated from the timed steps (fit of seconds against tokens per step)")
+        print(report.bench_summary(figures))
     if args.json:
         files.write_json_atomically(Path(args.json), figures)
         print(f"figures: {args.json}")

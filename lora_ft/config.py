@@ -118,6 +118,9 @@ class RunConfig:
     activation_checkpointing: bool = setting(
         False, "keep only each block's input and recompute the rest in backward: less memory, slower steps"
     )
+    compile: bool = setting(
+        False, "torch.compile the transformer blocks (pays on GPUs; on a small CPU no faster, after a compile)"
+    )
     seed: int = setting(
         123,
         "seed for the split, the initialisation and the data order",

@@ -78,7 +78,7 @@ def scalar(value: Any) -> str:
 
 def bench_table(report: dict[str, Any]) -> str:
     columns = ("s/epoch", "real tok/s", "GFLOP/s", "MFU", "peak RSS", "steps timed")
-    lines = [f"{'setup':<9}" + "".join(f"{c:>13}" for c in columns) + "  what"]
+    lines = [f"{'setup':<13}" + "".join(f"{c:>13}" for c in columns) + "  what"]
     for name, r in report["setups"].items():
         timed = f"{r['steps_timed']}{'' if r['epoch_measured_whole'] else '*'}"
         values = (
@@ -90,7 +90,7 @@ def bench_table(report: dict[str, Any]) -> str:
             timed,
         )
         row = "".join(f"{v:>13}" for v in values)
-        lines.append(f"{name:<9}{row}  {r['description']} ({r['precision_run']})")
+        lines.append(f"{name:<13}{row}  {r['description']} ({r['precision_run']})")
     return "\n".join(lines)
 
 
@@ -106,8 +106,25 @@ def bench_summary(report: dict[str, Any]) -> str:
         f"lora_ft's model-FLOP utilisation: {report['mfu']:.0%} of the {precision} peak",
         f"peak RSS LoRA / full fine-tuning: {report['peak_rss_ratio_lora_vs_full']:.2f}; with activation "
         f"checkpointing: memory x{memory:.2f}, time x{time:.2f}",
+        f"--compile: epochs x{report['compile_speedup']:.2f} as fast, after "
+        f"{report['setups']['lora_compile']['warmup_seconds']:.0f} s of warm-up steps (the compile)",
     ]
     return "\n".join(lines)
+
+
+def inference_summary(report: dict[str, Any]) -> str:
+    """`bench --inference` in four lines: lora_ft's predict and generate against the naive loop."""
+    p, g = report["predict"], report["generate"]
+    return "\n".join(
+        [
+            f"predict:  {p['texts_per_second']:.1f} texts/s (batches of {p['batch_size']}) vs "
+            f"{p['naive_texts_per_second']:.1f} one at a time: x{p['speedup']:.2f}",
+            f"          same labels for {p['same_labels']:.0%} of {p['texts']} messages",
+            f"generate: {g['tokens_per_second']:.1f} tokens/s (one batch of {g['prompts']}, KV cache) vs "
+            f"{g['naive_tokens_per_second']:.1f} one at a time without the cache: x{g['speedup']:.2f}",
+            f"          same answers for {g['same_answers']:.0%} of {g['prompts']} prompts",
+        ]
+    )
 
 
 def listing(found: list[Listed]) -> list[str]:

@@ -79,12 +79,52 @@ def start(
         tokenizer = models.load_tokenizer(source)
         base = load_base(source, tokenizer, splits, config, precision)
         models.set_dropout(base, config.model_dropout)  # before LoRA wraps it: LoRA's own is `lora_dropout`
+        if config.compile:
+            compile_blocks(base)  # traced at their first call, so with the LoRA layers added after this
     positions = getattr(base.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this too
     if positions and config.max_length > positions:  # found now, not while scoring after training
         raise UserError(f"`max_length` {config.max_length}: more than the {positions} positions {config.model} has")
     base_info = models.describe_base(source, base)
     record = runs.run_record(task, config, data_path, base_info)
     return Start(task, config, output, precision, state, data_path, splits, tokenizer, base, base_info, record)
+
+
+# The compiler `compile_blocks` asks for; what it cannot compile runs eager (tests name one that fails).
+COMPILER = "inductor"
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """`torch.compile` each block of the model's stack of repeated blocks (GPT2Block, LlamaDecoderLayer) in place
+    and return how many. The blocks share one compiled graph (regional compilation: one block's compile time,
+    not twelve), and compiling in place keeps the state dict's names, so checkpoints and adapters are unchanged.
+    Inductor caches what it compiles on disk, so a second run waits less. A failed compile is logged once and
+    that graph runs eager: the run goes on."""
+    from accelerate.utils.other import is_repeated_blocks
+
+    backend = EagerOnFailure(COMPILER)
+    blocks = [block for stack in model.modules() if is_repeated_blocks(stack) for block in stack]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
+class EagerOnFailure:
+    """A dynamo backend: `name`'s compiled graph, or where compiling it fails, the graph run as it is."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.failed = name, False
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        from torch._dynamo import lookup_backend
+
+        try:
+            return lookup_backend(self.name)(graph, example_inputs)
+        except Exception as error:  # any failure to compile: run without it
+            if not self.failed:
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                log.warning("torch.compile (%s) failed, training without it: %s", self.name, reason)
+            self.failed = True
+            return graph.forward
 
 
 def resolved_paths(config: RunConfig, output: Path, source: models.ModelSource) -> RunConfig:

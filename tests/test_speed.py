@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_ft import bench, instruct, merge, models, spam, training
+from lora_ft import bench, bench_inference, instruct, merge, models, spam, training
 from lora_ft import report as lora_report
 from lora_ft.config import load_config
 from lora_ft.errors import UserError
@@ -166,7 +166,7 @@ def test_seconds_per_epoch_fit():
 
 
 def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
-    """The whole benchmark (three setups, each in its own process) on a 2-layer GPT-2, two timed steps each."""
+    """The whole benchmark (every setup, each in its own process) on a 2-layer GPT-2, two timed steps each."""
     small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
     report = bench.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=small)
     lora_ft, naive, full = (report["setups"][name] for name in ("lora_ft", "naive", "full"))
@@ -185,10 +185,14 @@ def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
     assert report["mfu"] == lora_ft["mfu"] == pytest.approx(model_gflops / 1e9 / peaks[lora_ft["precision_run"]])
     assert np.isfinite(report["peak_rss_ratio_lora_vs_full"]) and report["peak_rss_ratio_lora_vs_full"] > 0
     table = lora_report.bench_table(report).splitlines()
-    assert [line.split()[0] for line in table] == ["setup", "lora_ft", "naive", "full", "lora_ckpt", "course"]
+    rows = ["setup", "lora_ft", "naive", "full", "lora_ckpt", "lora_compile", "course"]
+    assert [line.split()[0] for line in table] == rows
     ckpt = report["setups"]["lora_ckpt"]
     assert report["checkpointing_time_ratio"] == ckpt["seconds_per_epoch"] / lora_ft["seconds_per_epoch"]
     assert f"{naive['seconds_per_epoch']:.1f}" in table[2]
+    compiled = report["setups"]["lora_compile"]
+    assert report["compile_speedup"] == lora_ft["seconds_per_epoch"] / compiled["seconds_per_epoch"]
+    assert compiled["compile"] and compiled["warmup_seconds"] > 0
 
 
 def _dropout_rates(model: torch.nn.Module) -> tuple[set[float], set[float]]:
@@ -228,3 +232,52 @@ def test_activation_checkpointing_trains_the_same_adapter(tiny_gpt2: Path, tmp_p
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6)
     assert any(not torch.allclose(weights[1][name], moved[name]) for name in weights[0] if "lora_B" in name)
+
+
+def test_compiled_blocks_train_the_same_adapter(tiny_gpt2: Path, tmp_path: Path, caplog):
+    """--compile changes how the blocks run, not what they compute: the same adapter within float32 rounding
+    (inductor fuses and reorders element-wise work), the blocks compiled in place (the adapter's names unchanged)."""
+    plain = _train_mail(tiny_gpt2, tmp_path / "plain" / "a", max_steps=3)
+    with caplog.at_level("WARNING", logger="lora_ft"):
+        compiled = _train_mail(tiny_gpt2, tmp_path / "compiled" / "a", max_steps=3, compile=True)
+    assert not [r for r in caplog.records if "torch.compile" in r.getMessage()]  # compiled, not fallen back
+    assert compiled.manifest["config"]["compile"] is True
+    weights = [load_file(r.adapter_dir / "adapter_model.safetensors") for r in (plain, compiled)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-3, atol=1e-5)
+    assert compiled.manifest["metrics"]["test"]["accuracy"] == plain.manifest["metrics"]["test"]["accuracy"]
+
+
+@pytest.mark.parametrize("failure", ["no C++ compiler", "no such backend"])
+def test_a_failed_compile_falls_back_and_says_so_once(tiny_gpt2: Path, tmp_path: Path, monkeypatch, caplog, failure):
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()  # nothing compiled by an earlier test is reused
+    settings: dict = {"fx_graph_cache": False}  # nor read from inductor's cache on disk
+    if failure == "no C++ compiler":  # what a machine without gcc/g++ gives inductor
+        settings["cpp.cxx"] = (None, str(tmp_path / "no-g++"))
+    else:
+        monkeypatch.setattr(training, "COMPILER", "no_such_backend")
+    plain = _train_mail(tiny_gpt2, tmp_path / "plain" / "a", max_steps=2)
+    with caplog.at_level("WARNING", logger="lora_ft"), inductor.patch(settings):
+        fallen = _train_mail(tiny_gpt2, tmp_path / "fallen" / "a", max_steps=2, compile=True)
+    said = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(said) == 1 and "training without it" in said[0] and "\n" not in said[0]
+    weights = [load_file(r.adapter_dir / "adapter_model.safetensors") for r in (plain, fallen)]
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name])
+
+
+def test_inference_bench_on_a_small_gpt2():
+    """`bench --inference`: lora_ft's batched predict and cached generate against one-at-a-time loops, on the real
+    test messages and instructions; both give the same answers."""
+    small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
+    report = bench_inference.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=small)
+    predict, generate = report["predict"], report["generate"]
+    assert predict["texts"] == 64 and predict["same_labels"] == 1.0 and predict["max_logit_difference"] < 1e-4
+    assert predict["speedup"] == pytest.approx(predict["texts_per_second"] / predict["naive_texts_per_second"])
+    assert generate["prompts"] == 4 and 0 < generate["tokens"] <= 4 * 32 and generate["same_answers"] == 1.0
+    assert generate["speedup"] == pytest.approx(generate["tokens_per_second"] / generate["naive_tokens_per_second"])
+    summary = lora_report.inference_summary(report)
+    assert f"{predict['texts_per_second']:.1f} texts/s" in summary and "same answers for 100% of 4" in summary
