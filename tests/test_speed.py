@@ -66,6 +66,20 @@ def _train_mail(tiny_gpt2: Path, folder: Path, recipe: Path | None = None, **ove
     return spam.train(load_config("spam", recipe, overrides=values))
 
 
+def _adapter_weights(result: training.TrainResult) -> dict[str, torch.Tensor]:
+    return load_file(result.adapter_dir / "adapter_model.safetensors")
+
+
+def _assert_same_adapter(result: training.TrainResult, expected: training.TrainResult, **tolerance) -> dict:
+    """The two runs saved the same LoRA weights under the same names (`tolerance`: assert_close's rtol/atol);
+    returns `result`'s weights."""
+    weights, wanted = _adapter_weights(result), _adapter_weights(expected)
+    assert weights.keys() == wanted.keys()
+    for name in wanted:
+        torch.testing.assert_close(weights[name], wanted[name], **tolerance)
+    return weights
+
+
 def test_bf16_run_is_recorded_and_tokens_are_counted(tiny_gpt2: Path, tmp_path: Path):
     fp32 = _train_mail(tiny_gpt2, tmp_path / "fp32" / "a", precision="fp32")
     bf16 = _train_mail(tiny_gpt2, tmp_path / "bf16" / "a", precision="bf16")
@@ -84,7 +98,7 @@ def test_bf16_run_is_recorded_and_tokens_are_counted(tiny_gpt2: Path, tmp_path: 
         assert tokens["real_share"] == round(real / tokens["with_padding"], 4)
 
     # Same seed, same data, same batches: only the arithmetic differs, a little.
-    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (fp32, bf16))
+    a, b = (_adapter_weights(r) for r in (fp32, bf16))
     differences = [(a[k] - b[k]).abs().max().item() for k in a]
     assert 0 < max(differences) < 0.05
 
@@ -225,13 +239,10 @@ def test_activation_checkpointing_trains_the_same_adapter(tiny_gpt2: Path, tmp_p
     plain = _train_mail(tiny_gpt2, tmp_path / "plain" / "a", max_steps=3)
     saved = _train_mail(tiny_gpt2, tmp_path / "ckpt" / "a", max_steps=3, activation_checkpointing=True)
     assert saved.manifest["config"]["activation_checkpointing"] is True
-    weights = [load_file(r.adapter_dir / "adapter_model.safetensors") for r in (plain, saved)]
+    weights = _assert_same_adapter(saved, plain, rtol=1e-4, atol=1e-6)
     initial = _train_mail(tiny_gpt2, tmp_path / "none" / "a", max_steps=1, lr=1e-12)  # barely moved from the init
-    moved = load_file(initial.adapter_dir / "adapter_model.safetensors")
-    assert weights[0].keys() == weights[1].keys()
-    for name in weights[0]:
-        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6)
-    assert any(not torch.allclose(weights[1][name], moved[name]) for name in weights[0] if "lora_B" in name)
+    moved = _adapter_weights(initial)
+    assert any(not torch.allclose(weights[name], moved[name]) for name in weights if "lora_B" in name)
 
 
 def test_compiled_blocks_train_the_same_adapter(tiny_gpt2: Path, tmp_path: Path, caplog):
@@ -242,10 +253,7 @@ def test_compiled_blocks_train_the_same_adapter(tiny_gpt2: Path, tmp_path: Path,
         compiled = _train_mail(tiny_gpt2, tmp_path / "compiled" / "a", max_steps=3, compile=True)
     assert not [r for r in caplog.records if "torch.compile" in r.getMessage()]  # compiled, not fallen back
     assert compiled.manifest["config"]["compile"] is True
-    weights = [load_file(r.adapter_dir / "adapter_model.safetensors") for r in (plain, compiled)]
-    assert weights[0].keys() == weights[1].keys()
-    for name in weights[0]:
-        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-3, atol=1e-5)
+    _assert_same_adapter(compiled, plain, rtol=1e-3, atol=1e-5)
     assert compiled.manifest["metrics"]["test"]["accuracy"] == plain.manifest["metrics"]["test"]["accuracy"]
 
 
@@ -264,9 +272,7 @@ def test_a_failed_compile_falls_back_and_says_so_once(tiny_gpt2: Path, tmp_path:
         fallen = _train_mail(tiny_gpt2, tmp_path / "fallen" / "a", max_steps=2, compile=True)
     said = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(said) == 1 and "training without it" in said[0] and "\n" not in said[0]
-    weights = [load_file(r.adapter_dir / "adapter_model.safetensors") for r in (plain, fallen)]
-    for name in weights[0]:
-        torch.testing.assert_close(weights[1][name], weights[0][name])
+    _assert_same_adapter(fallen, plain)
 
 
 def test_inference_bench_on_a_small_gpt2():
