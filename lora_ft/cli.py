@@ -9,130 +9,13 @@ import re
 import signal
 import sys
 import traceback
-import typing
 from pathlib import Path
 from typing import Any
 
 from . import progress, report, tasks
-from .config import RunConfig, settings, task_defaults
+from .config import RunConfig, settings
 from .errors import Interrupted, RunKept, UserError
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
-    parser.add_argument("--quiet", action="store_true", help="print only the final results and errors")
-
-
-def _add_force(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true", help="use a base that differs from the adapter's")
-
-
-def _add_train_flags(parser: argparse.ArgumentParser, task: str) -> None:
-    """A flag for every setting `task` reads (config.RunConfig's fields, with their help and the task's defaults);
-    left out, a flag is None and the recipe's value stands."""
-    parser.add_argument("--config", help="recipe YAML; flags given here override it")
-    defaults, hints = task_defaults(task), typing.get_type_hints(RunConfig)
-    for field in settings(task):
-        flag, meta, default = "--" + field.name.replace("_", "-"), field.metadata, defaults[field.name]
-        shown = "" if default is None or "default:" in meta["help"] else f" (default: {default})"
-        options: dict[str, Any] = {"help": meta["help"] + shown, "default": None}
-        kind = next((h for h in typing.get_args(hints[field.name]) if h is not type(None)), hints[field.name])
-        if meta["choices"]:
-            options["choices"] = meta["choices"]
-        elif kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is list:
-            options["nargs"] = "+"
-        else:
-            options["type"] = kind
-        parser.add_argument(flag, **options)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    parser.add_argument(
-        "--resume",
-        metavar="PATH|latest",
-        help="continue an interrupted run: its --output folder (or checkpoint), or the latest one under adapters/",
-    )
-
-
-def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", help="instruction-tuned adapter folder")
-    parser.add_argument("--max-new-tokens", type=int, help="longest response in tokens (default: the adapter's)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, with --temperature")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
-    _add_force(parser)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors on one line, exit code 2, like every other bad input."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lora_ft", description="LoRA fine-tuning of GPT-2 with PEFT.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    for task in tasks.TASKS.values():
-        _add_train_flags(commands.add_parser(task.name, help=task.help), task.name)
-
-    generate = commands.add_parser("generate", help="answer instructions with an instruction-tuned adapter")
-    _add_generation_flags(generate)
-    generate.add_argument("--instruction", help="the instruction")
-    generate.add_argument("--input", default="", help="its input (optional)")
-    generate.add_argument(
-        "--file", help="JSONL of {instruction, input} or {prompt} objects, or a .json list ('-' for standard input)"
-    )
-    generate.add_argument("--json", action="store_true", help="one object per line, with a 'response' key")
-
-    chat = commands.add_parser("chat", help="type instructions, read answers (an empty line or Ctrl-D ends)")
-    _add_generation_flags(chat)
-
-    predict = commands.add_parser("predict", help="label texts with a trained classifier adapter")
-    predict.add_argument("adapter", help="adapter folder")
-    predict.add_argument("texts", nargs="*", help="texts to classify")
-    predict.add_argument("--file", help="a file with one text per line ('-' for standard input)")
-    predict.add_argument("--json", action="store_true", help='one {"text", "label", "score"} object per line')
-    _add_force(predict)
-
-    evaluate = commands.add_parser("eval", help="recompute an adapter's test metrics from its manifest")
-    evaluate.add_argument("adapter", help="adapter folder")
-    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    _add_force(evaluate)
-
-    merge = commands.add_parser("merge", help="fold an adapter into its base and write a standalone model")
-    merge.add_argument("adapter", help="adapter folder")
-    merge.add_argument("--output", required=True, help="folder to write the merged model to")
-    merge.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights dtype")
-    merge.add_argument("--base", help="base model to merge into (default: the one the adapter names)")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    _add_force(merge)
-    merge.add_argument(
-        "--tolerance", type=float, default=1e-4, help="largest logit difference allowed against base + adapter"
-    )
-
-    listing = commands.add_parser("adapters", help="list the adapters (and merged exports) in a folder")
-    listing.add_argument(
-        "folder", nargs="?", default="adapters", help="where to look, at any depth (default: adapters)"
-    )
-    listing.add_argument("--json", action="store_true", help="a JSON list, for scripts")
-
-    inspect = commands.add_parser("inspect", help="show an adapter's (or export's) manifest, readably")
-    inspect.add_argument("adapter", help="adapter or merged-export folder")
-    inspect.add_argument("--json", action="store_true", help="the manifest as it is stored")
-
-    bench = commands.add_parser("bench", help="measure training speed and memory: lora_ft vs naive vs full FT")
-    bench.add_argument("--quick", action="store_true", help="time a few steps per setup, extrapolate each epoch")
-    bench.add_argument("--inference", action="store_true", help="measure predict and generate instead (vs naive loops)")
-    bench.add_argument("--json", help="also write the figures to this JSON file")
-    bench.add_argument("--tokenizer", help="GPT-2 tokenizer: Hub id or folder (default: the copy shipped with lora_ft)")
-    bench.add_argument("--data", help="SMS spam file (default: $LORA_FT_DATA_DIR, then the copy shipped with lora_ft)")
-    bench.add_argument("--seed", type=int, default=123, help="seed for the split, the weights and the order")
-
-    for sub in commands.choices.values():
-        _add_common(sub)
-    return parser
+from .parser import build_parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
