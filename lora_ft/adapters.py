@@ -30,9 +30,10 @@ def default_output(task: str, model_name: str) -> Path:
     return ADAPTERS_DIR / f"{task}-{model_name}-{stamp}"
 
 
-def save_adapter(model: Any, tokenizer: Any, folder: Path) -> None:
-    """PEFT's adapter files and the tokenizer; the base is not written."""
-    model.save_pretrained(folder)
+def save_adapter(model: Any, tokenizer: Any, folder: Path, state: dict[str, Any] | None = None) -> None:
+    """PEFT's adapter files and the tokenizer; the base is not written. `state`: the whole model's weights, where
+    the model's own are sharded (PEFT picks the adapter's out of it)."""
+    model.save_pretrained(folder, state_dict=state)
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template; lora_ft.json says more
     tokenizer.save_pretrained(folder)
 
@@ -78,10 +79,14 @@ def load_with_base(
     source: Any = None,
     force: bool = False,
     full_precision: bool = False,
+    onto: Loaded | None = None,
+    name: str = "default",
 ) -> Loaded:
     """The adapter on a base built by `load_base(source, tokenizer, manifest, quantize, precision)`: the base the
     manifest names, or `source`, quantised as in training (QLoRA), or in float32 with `full_precision`. A base that
-    is not the one the adapter was trained on (architecture, size, weights) is refused unless `force`."""
+    is not the one the adapter was trained on (architecture, size, weights) is refused unless `force`.
+    With `onto` (an adapter already loaded on the base this one names), no base is loaded: the adapter is checked
+    against `onto`'s base and added to its model as PEFT adapter `name`, sharing that base (`serve`)."""
     from peft import PeftModel
     from safetensors import SafetensorError
     from transformers import AutoTokenizer
@@ -93,9 +98,12 @@ def load_with_base(
         raise UserError(f"{adapter}: a '{manifest.task}' adapter, not a {task} one")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     source = source or source_from_manifest(manifest.base)
-    quantize, precision = (None, "fp32") if full_precision else manifest.as_trained
-    base = load_base(source, tokenizer, manifest, quantize, precision)
-    info = describe_base(source, base)
+    if onto is None:
+        quantize, precision = (None, "fp32") if full_precision else manifest.as_trained
+        base = load_base(source, tokenizer, manifest, quantize, precision)
+        info = describe_base(source, base)
+    else:
+        info = onto.base
     mismatches = base_mismatches(manifest.base, info)
     if mismatches and not force:
         raise UserError(
@@ -107,7 +115,11 @@ def load_with_base(
         pickled = " (its adapter_model.bin is pickled: lora_ft loads safetensors only)"
         raise UserError(f"{weights}: missing{pickled if (Path(adapter) / 'adapter_model.bin').exists() else ''}")
     try:
-        model = PeftModel.from_pretrained(base, adapter).eval()
+        if onto is None:
+            model = PeftModel.from_pretrained(base, adapter, adapter_name=name).eval()
+        else:
+            model = onto.model
+            model.load_adapter(adapter, adapter_name=name)
     except SafetensorError as e:
         raise UserError(f"{weights}: corrupt or incomplete ({str(e).splitlines()[0]})") from None
     except ValueError as e:  # json.JSONDecodeError included

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -14,11 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType
 from datasets import Dataset, DatasetDict
 from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, TrainerState
@@ -64,6 +69,7 @@ def start(
     read and split (`load_splits(config)`), the seed set, the tokenizer and the base loaded (`load_base(source,
     tokenizer, splits, config, precision)`), the base described and the run record made. The first process goes
     first, so that what must be downloaded is downloaded once and the others read the cache."""
+    check_sharding()
     config = with_model(config)
     source = models.resolve_model(config.model)
     precision = resolve_precision(config.precision)
@@ -168,9 +174,11 @@ def manifest(
 
 
 def save(run: Start, folder: Path, model: PeftModel, manifest: Manifest, trainer: Trainer) -> None:
-    """From the main process: PEFT's adapter, the tokenizer, the manifest and the loss plot into `folder`."""
+    """From the main process: PEFT's adapter, the tokenizer, the manifest and the loss plot into `folder`.
+    Every process calls it: sharded weights are gathered first, which takes all of them."""
+    state = gathered_state(trainer.model_wrapped, trainer.accelerator)
     if run.processes.is_main_process:
-        adapters.save_adapter(model, run.tokenizer, folder)
+        adapters.save_adapter(model, run.tokenizer, folder, state)
         adapters.write_manifest(folder, manifest)
         plots.plot_loss(trainer.state.log_history, folder / "loss.png")
 
@@ -316,6 +324,30 @@ def check_reporting(report_to: str) -> None:
         raise UserError(f"`report_to` {report_to}: needs the '{needs[report_to][1]}' package (pip install it)")
 
 
+def gathered_state(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights, on the CPU, when they are sharded across the processes (FSDP, ZeRO-3): each
+    process holds a slice of every tensor, so saving a process's own would write slices. Every process must call
+    it (gathering is collective). None where the model holds its weights whole, as with DDP or one process."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model)  # ZeRO-3 gathers its partitions; ZeRO-1/2 keep weights whole
+    if not any(isinstance(p, DTensor) for p in model.parameters()) and not isinstance(model, FSDP1):
+        return None
+    # torch's own API for FSDP1 and FSDP2 alike; the names come back as the unwrapped model's
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def check_sharding() -> None:
+    """An accelerate config that asks for sharding (FSDP, DeepSpeed) on a machine without GPUs. accelerate (1.15)
+    shards on GPUs and other accelerators only: on CPU processes its FSDP plugin fails deep inside (FSDP1), or it
+    trains data-parallel without a word (FSDP2, DeepSpeed). torch's FSDP itself runs on CPUs (the tests use it)."""
+    for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "").lower() == "true" and cpu_only():
+            raise UserError(
+                f"the accelerate config asks for {kind}, which accelerate runs on GPUs only; "
+                "on CPUs use recipes/accelerate/ddp.yaml (data-parallel over gloo)"
+            )
+
+
 def trained_model(trainer: Trainer) -> Any:
     """The trained model in eval mode, without the mixed-precision wrapper accelerate put around its forward: what
     is measured after training then runs as the saved adapter will when loaded (float32 unless quantised)."""
@@ -377,6 +409,7 @@ def training_section(trainer: Trainer, precision: str) -> dict[str, Any]:
         f"best_val_{trainer.args.metric_for_best_model.removeprefix('eval_')}": state.best_metric,
         "device": str(args.device),
         "world_size": args.world_size,
+        "parallelism": trainer.accelerator.distributed_type.value,  # NO, MULTI_CPU/MULTI_GPU (DDP), FSDP, DEEPSPEED
         "global_batch_size": args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
         "precision": precision,
         "tokens": {"real": real, "with_padding": total, "real_share": round(real / total, 4) if total else None},
