@@ -172,7 +172,9 @@ def run_merge(args: argparse.Namespace) -> int:
 
     if args.tolerance <= 0:
         raise UserError(f"--tolerance must be > 0, got {args.tolerance}")
-    result = merge.merge(args.adapter, args.output, args.dtype, args.base, args.overwrite, args.force, args.tolerance)
+    result = merge.merge(
+        args.adapter, args.output, args.dtype, args.base, args.overwrite, args.force, args.tolerance, args.gguf
+    )
     section = result.manifest.merge
     check = section["check"]
     for mismatch in section["base_mismatches_forced"]:
@@ -185,6 +187,14 @@ def run_merge(args: argparse.Namespace) -> int:
     )
     auto = tasks.get(result.manifest.task).model_class
     print(f'load it with transformers: {auto}.from_pretrained("{result.output}")')
+    if "gguf" in section:
+        exported, gguf_check = section["gguf"], section["gguf"]["check"]
+        print(
+            f"GGUF ({exported['type']}): {result.output / exported['file']}, read back: logits within "
+            f"{gguf_check['max_abs_logit_diff_relative']:.2%} of the largest, same next token at "
+            f"{gguf_check['same_next_token_share']:.0%} of positions"
+        )
+        print(f"Ollama: cd {result.output} && ollama create {result.output.name} -f Modelfile")
     return 0
 
 

@@ -3,6 +3,7 @@ that plain transformers loads (no lora_ft, no peft)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
-from . import adapters, files, models, tasks
+from . import adapters, files, gguf_export, models, tasks
 from .errors import UserError
 from .manifest import FILENAME, Manifest
 
@@ -63,15 +64,25 @@ def merge(
     overwrite: bool = False,
     force: bool = False,
     tolerance: float = TOLERANCE,
+    gguf: str | None = None,
 ) -> MergeResult:
     """Load the adapter on its base (the manifest's, or `base`), merge it in float32, check the merged logits
     against base + adapter (refusing above `tolerance`), cast to `dtype`, and write `output` atomically:
-    safetensors weights, config, tokenizer, and the adapter's manifest with a `merge` section."""
+    safetensors weights, config, tokenizer, and the adapter's manifest with a `merge` section. With `gguf` (a
+    type in gguf_export.QTYPES), also `<output name>.gguf` and an Ollama `Modelfile`, read back and checked."""
     adapter, output = Path(adapter), Path(output)
     manifest = adapters.read_manifest(adapter)
-    load = tasks.get(manifest.task, str(adapter / FILENAME)).code().load
+    task = tasks.get(manifest.task, str(adapter / FILENAME))
+    load = task.code().load
     if dtype not in DTYPES:
         raise UserError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if gguf is not None and gguf not in gguf_export.QTYPES:
+        raise UserError(f"`gguf` must be one of {', '.join(gguf_export.QTYPES)}, got {gguf!r}")
+    if gguf is not None and task.model_class != "AutoModelForCausalLM":
+        raise UserError(
+            f"{adapter}: a {task.name} adapter cannot be exported as GGUF: llama.cpp runs language models only "
+            "(it has no classification head)"
+        )
     source = models.resolve_model(base) if base else models.source_from_manifest(manifest.base)
     keep = {"the adapter": adapter}
     if source.kind != "hub":
@@ -108,7 +119,9 @@ def merge(
         "max_abs_logit_diff_float32": difference,  # what the tolerance applies to
         "max_abs_logit_diff_float32_run_in_float32": _max_diff(reference_float32, _logits(merged, batch)),
     }
+    float32_merged = merged
     if dtype != "float32":
+        float32_merged = copy.deepcopy(merged) if gguf else None  # the GGUF is made from float32 weights
         merged = merged.to(DTYPES[dtype])
         exported = _logits(merged, batch)
         check["max_abs_logit_diff"] = _max_diff(same_dtype, exported)  # against base + adapter in `dtype`
@@ -131,12 +144,38 @@ def merge(
         "check": check,
         "versions": adapters.library_versions(),
     }
-    exported_manifest = manifest.with_merge(section)
     with files.staged(output, overwrite, keep) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        if gguf is not None:
+            section["gguf"] = _export_gguf(float32_merged, tmp, output.name, gguf, source, batch, reference, manifest)
+        exported_manifest = manifest.with_merge(section)
         adapters.write_manifest(tmp, exported_manifest)
     return MergeResult(output, exported_manifest)
+
+
+def _export_gguf(
+    model: torch.nn.Module,
+    folder: Path,
+    name: str,
+    kind: str,
+    source: models.ModelSource,
+    batch: BatchEncoding,
+    reference: torch.Tensor,
+    manifest: Manifest,
+) -> dict[str, Any]:
+    """`folder/<name>.gguf` from the float32 merged `model` (tokenizer from `folder`), read back and checked against
+    `reference` (base + adapter), and the Modelfile beside it; what the manifest records of both."""
+    path = folder / f"{name}.gguf"
+    base_gguf = Path(source.location) / source.gguf_file if source.gguf_file else None
+    written = gguf_export.write(model, folder, path, kind, name, base_gguf)
+    read_back = gguf_export.family(model.config.model_type).read_back(model.config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    written["check"] = gguf_export.check(path, batch, reference, tokenizer, kind, read_back)
+    stop = (manifest.generation or {}).get("stops_at") or tokenizer.eos_token
+    template = manifest.data.get("prompt_template")
+    (folder / "Modelfile").write_text(gguf_export.modelfile(path.name, template, stop), encoding="utf-8")
+    return written | {"modelfile": "Modelfile", "prompt_template": template or "prompt as given", "stop": stop}
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> BatchEncoding:

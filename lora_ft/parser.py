@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--tolerance", type=float, default=1e-4, help="largest logit difference allowed against base + adapter"
     )
+    merge.add_argument(
+        "--gguf",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="also write OUTPUT/<name>.gguf in this type (llama.cpp, Ollama) and a Modelfile, read back and checked",
+    )
 
     listing = commands.add_parser("adapters", help="list the adapters (and merged exports) in a folder")
     listing.add_argument(

@@ -1,0 +1,142 @@
+"""GGUF export (`merge --gguf`): instruct adapters on a tiny GPT-2 and a tiny Llama-style model, written at f32 and
+q8_0, read back by transformers (as llama.cpp's own tools would find them: its tensor names, tokenizer inside),
+compared with base + adapter; the Ollama Modelfile; what is refused; a corrupted file caught by the check."""
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+from lora_ft import data, gguf_export, instruct, merge
+from lora_ft.config import load_config
+from lora_ft.errors import UserError
+
+from .conftest import GPT2_TOKENIZER, PAIRS, run_cli, write_examples
+
+PROMPTS = [data.format_prompt(i, x) for i, x, _ in PAIRS]
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory: pytest.TempPathFactory):
+    """A 2-layer Llama-style model (grouped-query attention: 4 heads, 2 key/value heads; tied embeddings, as
+    SmolLM2) with random weights and GPT-2's tokenizer, and an instruct adapter trained on it for a few steps."""
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    GPT2TokenizerFast.from_pretrained(GPT2_TOKENIZER).save_pretrained(folder)
+    out = tmp_path_factory.mktemp("adapters")
+    overrides = {"model": str(folder), "data": str(write_examples(out / "four.json")), "output": str(out / "llama")}
+    overrides |= {"max_steps": 8, "batch_size": 4, "lr": 1e-2, "max_length": 256, "max_new_tokens": 8}
+    return instruct.train(load_config("instruct", overrides=overrides))
+
+
+@pytest.fixture(scope="module")
+def exports(instruct_run, llama_run, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """Each family at f32 and q8_0; GPT-2 at q8_0 through the command line (and what it prints)."""
+    adapters = {"gpt2": instruct_run[0].adapter_dir, "llama": llama_run.adapter_dir}
+    folders = {}
+    for arch, kind in [("gpt2", "f32"), ("gpt2", "q8_0"), ("llama", "f32"), ("llama", "q8_0")]:
+        folder = folders[arch, kind] = tmp_path_factory.mktemp("gguf") / f"{arch}-{kind}"
+        if (arch, kind) != ("gpt2", "q8_0"):
+            merge.merge(adapters[arch], folder, gguf=kind)
+            continue
+        done = run_cli("merge", str(adapters[arch]), "--output", str(folder), "--gguf", kind)
+        assert done.returncode == 0, done.stderr
+        assert f"GGUF (q8_0): {folder / (folder.name + '.gguf')}, read back: logits within" in done.stdout
+        assert f"Ollama: cd {folder} && ollama create {folder.name} -f Modelfile" in done.stdout
+    return folders
+
+
+def _reference_logits(adapter: Path, texts: list[str]) -> tuple[torch.Tensor, dict]:
+    loaded = instruct.load(adapter, full_precision=True)
+    batch = loaded.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return loaded.model(**batch).logits[batch["attention_mask"].bool()], batch
+
+
+@pytest.mark.parametrize(("arch", "kind"), [("gpt2", "f32"), ("gpt2", "q8_0"), ("llama", "f32"), ("llama", "q8_0")])
+def test_export_reads_back_to_base_plus_adapter(exports, instruct_run, llama_run, arch: str, kind: str):
+    folder = exports[arch, kind]
+    adapter = instruct_run[0].adapter_dir if arch == "gpt2" else llama_run.adapter_dir
+    path = folder / f"{folder.name}.gguf"
+    stored = json.loads((folder / "lora_ft.json").read_text())["merge"]["gguf"]
+    assert stored["file"] == path.name and path.is_file()
+    assert stored["type"] == kind and stored["check"]["tolerance_relative"] == gguf_export.TOLERANCE[kind]
+
+    # llama.cpp's names and types, as its tools look for them
+    reader = gguf.GGUFReader(path)
+    assert reader.get_field("general.architecture").contents() == arch
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    first = "blk.0.attn_qkv.weight" if arch == "gpt2" else "blk.0.attn_q.weight"
+    assert types[first] == kind.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    assert reader.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
+
+    # read back independently of the check: the tokenizer gives the same ids, the logits are within tolerance
+    read_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
+    own = AutoTokenizer.from_pretrained(adapter)
+    for prompt in PROMPTS:
+        assert read_tokenizer(prompt)["input_ids"] == own(prompt)["input_ids"]
+    reference, batch = _reference_logits(adapter, PROMPTS)
+    extra = {"n_positions": 256} if arch == "gpt2" else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, dtype=torch.float32, **extra)
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits[batch["attention_mask"].bool()]
+    relative = float((logits - reference).abs().max() / reference.abs().max())
+    assert relative <= gguf_export.TOLERANCE[kind]
+    if kind == "f32":
+        assert relative < 1e-5
+        if arch == "gpt2":  # trained until its greedy answers are right: the GGUF gives the same answers
+            answers = [a.response for a in instruct.generate(model, read_tokenizer, PROMPTS, 24)]
+            assert answers == [o for _, _, o in PAIRS]
+
+    modelfile = (folder / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{path.name}\n")
+    assert 'TEMPLATE """Below is an instruction' in modelfile and "### Instruction:\n{{ .Prompt }}" in modelfile
+    assert modelfile.rstrip().endswith("PARAMETER temperature 0") and 'PARAMETER stop "<|endoftext|>"' in modelfile
+
+
+def test_a_corrupted_file_is_caught(exports, instruct_run, tmp_path: Path):
+    """Bytes of the tensor data overwritten (a bad disk, a writer bug): the read-back check refuses the file (the
+    same check passed it whole inside `merge`, before the export was kept)."""
+    folder = tmp_path / "corrupted"
+    shutil.copytree(exports["gpt2", "f32"], folder)
+    path = folder / "gpt2-f32.gguf"
+    with path.open("r+b") as file:  # the last tensors' data: random bytes as float32
+        file.seek(path.stat().st_size - 4096)
+        file.write(torch.randn(1024, generator=torch.Generator().manual_seed(0)).numpy().astype("float32").tobytes())
+    reference, batch = _reference_logits(instruct_run[0].adapter_dir, PROMPTS)
+    tokenizer = AutoTokenizer.from_pretrained(instruct_run[0].adapter_dir)
+    with pytest.raises(UserError, match=r"gpt2-f32.gguf: read back, its logits differ .*nothing was written"):
+        gguf_export.check(path, batch, reference.double(), tokenizer, "f32", {"n_positions": 256})
+
+
+def test_a_classifier_is_refused(spam_run, tmp_path: Path):
+    result, _ = spam_run
+    with pytest.raises(UserError, match=r"a spam adapter cannot be exported as GGUF: llama\.cpp runs language models"):
+        merge.merge(result.adapter_dir, tmp_path / "out", gguf="f16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_gguf_type_is_refused(instruct_run, tmp_path: Path):
+    result, _ = instruct_run
+    done = run_cli("merge", str(result.adapter_dir), "--output", str(tmp_path / "out"), "--gguf", "q4_k")
+    assert done.returncode == 2 and "invalid choice: 'q4_k'" in done.stderr
+    with pytest.raises(UserError, match="`gguf` must be one of f32, f16, bf16, q8_0, got 'q4_k'"):
+        merge.merge(result.adapter_dir, tmp_path / "out", gguf="q4_k")
