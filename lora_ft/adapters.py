@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import tasks
+from . import interop, tasks
 from .errors import UserError
 from .manifest import FILENAME, Manifest
 from .runs import ADAPTERS_DIR, PARTIAL, RUN_RECORD, newest_checkpoint, output_of, read_run_record, running
@@ -36,6 +36,7 @@ def save_adapter(model: Any, tokenizer: Any, folder: Path, state: dict[str, Any]
     model.save_pretrained(folder, state_dict=state)
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template; lora_ft.json says more
     tokenizer.save_pretrained(folder)
+    interop.portable_tokenizer(folder)
 
 
 def library_versions() -> dict[str, str]:

@@ -173,7 +173,15 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.tolerance <= 0:
         raise UserError(f"--tolerance must be > 0, got {args.tolerance}")
     result = merge.merge(
-        args.adapter, args.output, args.dtype, args.base, args.overwrite, args.force, args.tolerance, args.gguf
+        args.adapter,
+        args.output,
+        args.dtype,
+        args.base,
+        args.overwrite,
+        args.force,
+        args.tolerance,
+        args.gguf,
+        args.gguf_adapter,
     )
     section = result.manifest.merge
     check = section["check"]
@@ -195,6 +203,8 @@ def run_merge(args: argparse.Namespace) -> int:
             f"{gguf_check['same_next_token_share']:.0%} of positions"
         )
         print(f"Ollama: cd {result.output} && ollama create {result.output.name} -f Modelfile")
+    if "gguf_adapter" in section:
+        print(f"GGUF LoRA: {result.output / section['gguf_adapter']['file']} (llama.cpp: --lora, on the base as GGUF)")
     return 0
 
 

@@ -45,6 +45,10 @@ class Family:
     # what transformers must be told when it reads the file back: (5.x) it reads a GPT-2 GGUF's context length
     # into `n_ctx` only, leaving `n_positions` at 1024, so a model with another length would not load
     read_back: Callable[[Any], dict[str, Any]] = lambda config: {}
+    # a LoRA pair's B ([out, r], as PEFT stores it for Linear and Conv1D alike) in llama.cpp's layout: only a
+    # reordering of the weight's rows applies to it, never GPT-2's transpose (llama.cpp's own LoRA converter
+    # transposes GPT-2's pairs, which llama.cpp then refuses)
+    lora_b: Callable[[str, np.ndarray, Any], np.ndarray] = lambda name, tensor, config: tensor
 
 
 def _gpt2_hparams(config: Any, writer: gguf.GGUFWriter) -> None:
@@ -97,7 +101,7 @@ FAMILIES = {
     "gpt2": Family(
         gguf.MODEL_ARCH.GPT2, _gpt2_hparams, _gpt2_tensor, lambda config: {"n_positions": config.n_positions}
     ),
-    "llama": Family(gguf.MODEL_ARCH.LLAMA, _llama_hparams, _llama_tensor),
+    "llama": Family(gguf.MODEL_ARCH.LLAMA, _llama_hparams, _llama_tensor, lora_b=_llama_tensor),
 }
 
 
@@ -190,6 +194,50 @@ def write(
     writer.write_tensors_to_file()
     writer.close()
     return {"file": path.name, "type": kind, "tensors_by_type": written, "bytes": path.stat().st_size}
+
+
+def write_adapter(model: Any, path: Path, kind: str, name: str) -> dict[str, Any]:
+    """The LoRA adapter of PEFT `model` (unmerged, float32) alone, as a GGUF LoRA for llama.cpp's `--lora` (one base
+    file serving several adapters). llama.cpp applies W + alpha / r * B A to each weight in its own layout, and
+    checks that A is [r, in] and B [out, r] in it: PEFT's pair, as PEFT stores it (also for GPT-2's Conv1D), with
+    B's rows permuted as the weight's are (Llama's q/k). Each pair is checked against PEFT's own delta weight in
+    llama.cpp's layout before the file is kept; returns what the manifest records."""
+    config, fam = model.config, family(model.config.model_type)
+    lora = model.peft_config["default"]
+    if lora.use_rslora or getattr(lora, "use_dora", False) or model.modules_to_save:
+        raise UserError("GGUF adapter: llama.cpp applies plain LoRA (alpha / r, no DoRA, no other trained modules)")
+    qtype = QTYPES[kind][0]
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[fam.arch])
+    writer.add_name(name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora.lora_alpha))
+    names = gguf.get_tensor_name_map(fam.arch, config.num_hidden_layers)
+    worst = 0.0
+    for module_name, module in model.base_model.model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        weight_name = f"{module_name}.weight"
+        a = module.lora_A["default"].weight.detach().float().numpy()
+        b = fam.lora_b(weight_name, module.lora_B["default"].weight.detach().float().numpy(), config)
+        base = module.base_layer.weight.detach().float()
+        target = fam.tensor(weight_name, (base + module.get_delta_weight("default")).numpy(), config)
+        target = target - fam.tensor(weight_name, base.numpy(), config)  # the delta in llama.cpp's layout
+        if a.shape[1] != target.shape[1] or b.shape[0] != target.shape[0]:
+            raise UserError(f"GGUF adapter: {weight_name}'s pair does not fit its weight in llama.cpp's layout")
+        applied = lora.lora_alpha / a.shape[0] * (b @ a)
+        worst = max(worst, float(np.abs(applied - target).max() / max(np.abs(target).max(), 1e-12)))
+        gguf_name = names.get_name(module_name)
+        for suffix, tensor in (("lora_a", a), ("lora_b", b)):
+            array, stored = _encoded(tensor, qtype)
+            writer.add_tensor(f"{gguf_name}.weight.{suffix}", array, raw_dtype=stored)
+    if worst > 1e-5:
+        raise UserError(f"GGUF adapter: applied as llama.cpp does, it differs from PEFT's by {worst:.2g}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"file": path.name, "type": kind, "alpha": lora.lora_alpha, "rank": lora.r, "max_relative_diff": worst}
 
 
 def check(

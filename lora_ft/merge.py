@@ -4,6 +4,7 @@ that plain transformers loads (no lora_ft, no peft)."""
 from __future__ import annotations
 
 import copy
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
-from . import adapters, files, gguf_export, models, tasks
+from . import adapters, files, gguf_export, interop, models, tasks
 from .errors import UserError
 from .manifest import FILENAME, Manifest
 
@@ -65,11 +66,13 @@ def merge(
     force: bool = False,
     tolerance: float = TOLERANCE,
     gguf: str | None = None,
+    gguf_adapter: bool = False,
 ) -> MergeResult:
     """Load the adapter on its base (the manifest's, or `base`), merge it in float32, check the merged logits
     against base + adapter (refusing above `tolerance`), cast to `dtype`, and write `output` atomically:
     safetensors weights, config, tokenizer, and the adapter's manifest with a `merge` section. With `gguf` (a
-    type in gguf_export.QTYPES), also `<output name>.gguf` and an Ollama `Modelfile`, read back and checked."""
+    type in gguf_export.QTYPES), also `<output name>.gguf` and an Ollama `Modelfile`, read back and checked; with
+    `gguf_adapter`, also the adapter alone as a GGUF LoRA, `<output name>.lora.gguf` (in `gguf`'s type, or f32)."""
     adapter, output = Path(adapter), Path(output)
     manifest = adapters.read_manifest(adapter)
     task = tasks.get(manifest.task, str(adapter / FILENAME))
@@ -78,7 +81,7 @@ def merge(
         raise UserError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if gguf is not None and gguf not in gguf_export.QTYPES:
         raise UserError(f"`gguf` must be one of {', '.join(gguf_export.QTYPES)}, got {gguf!r}")
-    if gguf is not None and task.model_class != "AutoModelForCausalLM":
+    if (gguf is not None or gguf_adapter) and task.model_class != "AutoModelForCausalLM":
         raise UserError(
             f"{adapter}: a {task.name} adapter cannot be exported as GGUF: llama.cpp runs language models only "
             "(it has no classification head)"
@@ -104,6 +107,7 @@ def merge(
     size = sum(p.numel() for p in loaded.model.parameters())
     arithmetic = torch.float64 if size <= CHECK_FLOAT64_MAX_PARAMETERS else torch.float32
     reference, reference_float32 = _logits(loaded.model, batch, arithmetic), _logits(loaded.model, batch)
+    lora_gguf = _adapter_gguf(loaded.model, output.name, gguf or "f32") if gguf_adapter else None  # before merging
     merged = loaded.model.merge_and_unload(safe_merge=True)
     difference = _max_diff(reference, _logits(merged, batch, arithmetic))
     if difference > tolerance:
@@ -147,11 +151,24 @@ def merge(
     with files.staged(output, overwrite, keep) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        interop.portable_config(tmp)
+        interop.portable_tokenizer(tmp)
         if gguf is not None:
             section["gguf"] = _export_gguf(float32_merged, tmp, output.name, gguf, source, batch, reference, manifest)
+        if lora_gguf is not None:
+            section["gguf_adapter"], content = lora_gguf
+            (tmp / section["gguf_adapter"]["file"]).write_bytes(content)
         exported_manifest = manifest.with_merge(section)
         adapters.write_manifest(tmp, exported_manifest)
     return MergeResult(output, exported_manifest)
+
+
+def _adapter_gguf(model: torch.nn.Module, name: str, kind: str) -> tuple[dict[str, Any], bytes]:
+    """The adapter of the unmerged `model` as a GGUF LoRA (see gguf_export.write_adapter): what the manifest
+    records, and the file's bytes (an adapter is megabytes; the export folder does not exist yet)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / f"{name}.lora.gguf"
+        return gguf_export.write_adapter(model, path, kind, name), path.read_bytes()
 
 
 def _export_gguf(

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["f32", "f16", "bf16", "q8_0"],
         help="also write OUTPUT/<name>.gguf in this type (llama.cpp, Ollama) and a Modelfile, read back and checked",
     )
+    merge.add_argument(
+        "--gguf-adapter",
+        action="store_true",
+        help="also write the adapter alone as a GGUF LoRA, OUTPUT/<name>.lora.gguf (llama.cpp --lora), --gguf's type",
+    )
 
     listing = commands.add_parser("adapters", help="list the adapters (and merged exports) in a folder")
     listing.add_argument(

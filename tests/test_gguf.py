@@ -87,6 +87,8 @@ def test_export_reads_back_to_base_plus_adapter(exports, instruct_run, llama_run
     assert types[first] == kind.upper() and types["blk.0.attn_norm.weight"] == "F32"
     assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
     assert reader.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
+    config = json.loads((folder / "config.json").read_text())  # older readers (llama.cpp's converter) need n_ctx
+    assert arch != "gpt2" or config["n_ctx"] == config["n_positions"] == 256
 
     # read back independently of the check: the tokenizer gives the same ids, the logits are within tolerance
     read_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
@@ -140,3 +142,57 @@ def test_unknown_gguf_type_is_refused(instruct_run, tmp_path: Path):
     assert done.returncode == 2 and "invalid choice: 'q4_k'" in done.stderr
     with pytest.raises(UserError, match="`gguf` must be one of f32, f16, bf16, q8_0, got 'q4_k'"):
         merge.merge(result.adapter_dir, tmp_path / "out", gguf="q4_k")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_adapter_alone_as_gguf_lora_applies_as_llama_cpp_does(instruct_run, llama_run, arch: str, tmp_path: Path):
+    """`--gguf-adapter`: each A/B pair fits its weight as llama.cpp checks it (A [r, in], B [out, r] in llama.cpp's
+    layout), and the merged GGUF's weight minus alpha / r * B A is the base's weight in that layout."""
+    adapter = instruct_run[0].adapter_dir if arch == "gpt2" else llama_run.adapter_dir
+    folder = tmp_path / "both"
+    merge.merge(adapter, folder, gguf="f32", gguf_adapter=True)
+    lora = gguf.GGUFReader(folder / "both.lora.gguf")
+    assert lora.get_field("general.type").contents() == "adapter"
+    assert lora.get_field("adapter.type").contents() == "lora"
+    alpha = lora.get_field("adapter.lora.alpha").contents()
+    merged = {t.name: t for t in gguf.GGUFReader(folder / "both.gguf").tensors}
+    pairs = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in lora.tensors}
+    assert pairs and len(pairs) % 2 == 0
+
+    base = AutoModelForCausalLM.from_pretrained(json.loads((adapter / "lora_ft.json").read_text())["base"]["location"])
+    family = gguf_export.family(arch)
+    names = gguf.get_tensor_name_map(family.arch, 2)
+    hf_names = {names.get_name(n.removesuffix(".weight")): n for n in base.state_dict() if n.endswith(".weight")}
+    for name in {n.rsplit(".", 1)[0] for n in pairs}:  # blk.N.xxx.weight
+        a, b = pairs[f"{name}.lora_a"], pairs[f"{name}.lora_b"]
+        weight = gguf.quants.dequantize(merged[name].data, merged[name].tensor_type)
+        assert a.shape[1] == weight.shape[1] and b.shape[0] == weight.shape[0] and a.shape[0] == b.shape[1]
+        hf_name = hf_names[name.removesuffix(".weight")]
+        own = family.tensor(hf_name, base.state_dict()[hf_name].float().numpy(), base.config)
+        assert abs(weight - alpha / a.shape[0] * (b @ a) - own).max() < 1e-5, name
+
+
+def test_tokenizer_of_transformers_5s_generic_class_is_saved_for_older_readers(instruct_run, tmp_path: Path):
+    """A tokenizer of transformers 5's generic class (what a tokenizer read from a GGUF file, as SmolLM2's base is,
+    gets), which 4.x and llama.cpp's converter cannot load: saved by lora_ft it names the fast generic class and
+    keeps its chat template inside tokenizer_config.json too."""
+    import transformers
+
+    from lora_ft import adapters
+
+    own = AutoTokenizer.from_pretrained(instruct_run[0].adapter_dir)
+    tokenizer = transformers.TokenizersBackend(tokenizer_object=own.backend_tokenizer, eos_token=own.eos_token)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+    class Saved:  # what save_adapter asks of a model
+        def save_pretrained(self, path, state_dict=None):
+            Path(path).mkdir(parents=True, exist_ok=True)
+
+    adapters.save_adapter(Saved(), tokenizer, tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["chat_template"] == tokenizer.chat_template
+    again = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    messages = [{"role": "user", "content": "hi"}]
+    assert again.apply_chat_template(messages) == tokenizer.apply_chat_template(messages)
+    assert again(PROMPTS)["input_ids"] == tokenizer(PROMPTS)["input_ids"]
