@@ -1,0 +1,104 @@
+"""Slow (`pytest -m slow`, minutes of installs): lora_ft's outputs taken to other tools as they are. transformers
+4.57 and peft 0.17 in their own venv load a merged GPT-2 export and the adapter; llama.cpp's own converter (from
+the llama-cpp-python source distribution, which vendors llama.cpp) converts the export with no edits, to the same
+tensors and tokenizer as `merge --gguf f32`."""
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lora_ft import data, files, merge
+
+from .conftest import PAIRS
+
+pytestmark = pytest.mark.slow
+PROMPTS = [data.format_prompt(i, x) for i, x, _ in PAIRS]
+CACHE = files.cache_dir() / "interop"
+
+OLD_READER = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+export, adapter, base, prompts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(export)
+batch = tokenizer(prompts, padding=True, return_tensors="pt")
+with torch.no_grad():
+    merged = AutoModelForCausalLM.from_pretrained(export)(**batch).logits
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)(**batch).logits
+print(json.dumps({"merged": merged.tolist(), "peft": peft.tolist(), "ids": batch["input_ids"].tolist(),
+                  "tokenizer": type(AutoTokenizer.from_pretrained(adapter)).__name__}))
+"""
+
+
+def _venv(name: str, *packages: str) -> Path:
+    python = CACHE / name / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(CACHE / name)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True, timeout=1200)
+    return python
+
+
+@pytest.fixture(scope="module")
+def export(instruct_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("interop") / "gpt2"
+    merge.merge(instruct_run[0].adapter_dir, folder, gguf="f32")
+    return folder
+
+
+def test_transformers_4_loads_the_export_and_the_adapter(export: Path, instruct_run):
+    python = _venv("tf4", "torch==2.13.0", "transformers==4.57.*", "peft==0.17.*")
+    adapter = instruct_run[0].adapter_dir
+    base = json.loads((adapter / "lora_ft.json").read_text())["base"]["location"]
+    done = subprocess.run(
+        [str(python), "-c", OLD_READER, str(export), str(adapter), base, json.dumps(PROMPTS)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    old = json.loads(done.stdout.strip().splitlines()[-1])
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    assert old["ids"] == batch["input_ids"].tolist()
+    with torch.no_grad():
+        new = AutoModelForCausalLM.from_pretrained(export)(**batch).logits
+    assert torch.allclose(torch.tensor(old["merged"]), new, atol=1e-4)
+    assert torch.allclose(torch.tensor(old["peft"]), new, atol=1e-4)
+
+
+def test_llama_cpp_converter_converts_the_export_as_merge_does(export: Path, tmp_path: Path):
+    source = CACHE / "llama-cpp-python"
+    if not source.exists():
+        download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*download, "-d", str(source), "llama-cpp-python"], check=True, timeout=1200)
+    archive = next(source.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    llama_cpp = next(tmp_path.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+    python = _venv("tf4", "torch==2.13.0", "transformers==4.57.*", "peft==0.17.*")  # llama.cpp requires 4.x
+    converted = tmp_path / "converted.gguf"
+    done = subprocess.run(
+        [str(python), "convert_hf_to_gguf.py", str(export), "--outfile", str(converted), "--outtype", "f32"],
+        cwd=llama_cpp,
+        env={"PYTHONPATH": str(llama_cpp / "gguf-py"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs, ours = gguf.GGUFReader(converted), gguf.GGUFReader(export / "gpt2.gguf")
+    tensors = {t.name: t for t in theirs.tensors}
+    assert tensors.keys() == {t.name for t in ours.tensors}
+    for tensor in ours.tensors:
+        other = tensors[tensor.name]
+        assert np.array_equal(gguf.quants.dequantize(other.data, other.tensor_type), tensor.data), tensor.name
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.pre"):
+        assert theirs.get_field(key).contents() == ours.get_field(key).contents(), key
