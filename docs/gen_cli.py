@@ -27,6 +27,7 @@ SEE_ALSO = {
     "merge": ("merge.md", "Merge and export"),
     "adapters": ("adapters.md#listing-and-inspecting-adapters", "Listing and inspecting adapters"),
     "inspect": ("adapters.md#listing-and-inspecting-adapters", "Listing and inspecting adapters"),
+    "serve": ("serving.md", "Serving adapters"),
     "bench": ("benchmark.md", "Speed and memory"),
 }
 

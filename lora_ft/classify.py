@@ -191,11 +191,17 @@ def load_base(
 
 
 def load(
-    adapter: str | Path, base: models.ModelSource | None = None, force: bool = False, full_precision: bool = False
+    adapter: str | Path,
+    base: models.ModelSource | None = None,
+    force: bool = False,
+    full_precision: bool = False,
+    onto: adapters.Loaded | None = None,
+    name: str = "default",
 ) -> adapters.Loaded:
     """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
-    adapter goes on its base quantised as in training, or in float32 with `full_precision`."""
-    return adapters.load_with_base(adapter, "spam", load_base, base, force, full_precision)
+    adapter goes on its base quantised as in training, or in float32 with `full_precision`. With `onto`, added to
+    that loaded adapter's model (and base) as PEFT adapter `name` (see `adapters.load_with_base`)."""
+    return adapters.load_with_base(adapter, "spam", load_base, base, force, full_precision, onto, name)
 
 
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Prediction]:
@@ -208,9 +214,22 @@ def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: 
     max_length = manifest.run_config.max_length
     encoded = tokenize(Dataset.from_dict({"text": texts}), tokenizer, max_length)
     logits = predict_logits(model, tokenizer, encoded, batch_size, "classifying")
-    probabilities = torch.softmax(torch.from_numpy(logits), -1)
-    best = probabilities.max(-1)
-    cut = longer(texts, tokenizer, max_length)
+    return _predictions(texts, torch.from_numpy(logits), names, longer(texts, tokenizer, max_length))
+
+
+def classify_batch(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], names: list[str], max_length: int
+) -> list[Prediction]:
+    """`texts` labelled in one forward pass by an adapter already loaded (`serve`'s batches), padded on the right
+    and cut at `max_length` tokens as `predict` does."""
+    inputs = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs.to(next(model.parameters()).device)).logits.float().cpu()
+    return _predictions(texts, logits, names, longer(texts, tokenizer, max_length))
+
+
+def _predictions(texts: list[str], logits: torch.Tensor, names: list[str], cut: list[bool]) -> list[Prediction]:
+    best = torch.softmax(logits, -1).max(-1)
     return [
         Prediction(text, names[i], float(p), c)
         for text, i, p, c in zip(texts, best.indices.tolist(), best.values.tolist(), cut, strict=True)

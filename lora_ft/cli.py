@@ -236,13 +236,39 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from . import serve, server
+    from .config import ServeLimits
+
+    names = [f.name for f in ServeLimits.__dataclass_fields__.values()]
+    limits = ServeLimits(**{name: getattr(args, name) for name in names}).check()
+    api_key = args.api_key or os.environ.get("LORA_FT_API_KEY") or None
+    sock = server.bind(args.host, args.port)  # before loading: a port in use is said at once
+    registry = serve.load(args.adapters, limits)
+    host, port = sock.getsockname()[:2]
+    print("\n".join(report.serving(registry.memory(), len(registry.adapters))), flush=True)
+    if api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"warning: {host} is reachable from other machines and --api-key is not set", file=sys.stderr)
+    app = server.create_app(registry, api_key)
+    sock.listen(server.BACKLOG)  # from here on, connections wait for uvicorn to start rather than being refused
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {len(registry.adapters)} adapters at http://{shown}:{port}/ (API: /v1)", flush=True)
+    server.run(app, sock, "warning" if args.quiet else "info")
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from . import bench, bench_inference, files
 
     machine = bench.machine()
     where = machine.get("gpu") or machine["cpu"]
     print(f"machine: {where}, {machine['cpu_threads']} threads, torch {machine['torch']}")
-    if args.inference:
+    if args.serve:
+        from . import bench_serve
+
+        figures = bench_serve.run(args.serve, args.quick)
+        print(report.serve_bench(figures))
+    elif args.inference:
         figures = bench_inference.run(args.quick, args.tokenizer, args.data, args.seed)
         print(report.inference_summary(figures))
     else:
@@ -267,6 +293,7 @@ COMMANDS = {
     "merge": run_merge,
     "adapters": run_adapters,
     "inspect": run_inspect,
+    "serve": run_serve,
     "bench": run_bench,
 }
 # Commands that only read JSON: they skip importing the ML libraries (seconds of startup).

@@ -284,3 +284,22 @@ def gpt2_unavailable() -> str | None:
 
 def fallback_recipe(task: str) -> Path:
     return RECIPES_DIR / f"{task}-smollm2.yaml"
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """`serve`'s limits on requests (its flags; here, so that the parser reads the defaults without loading torch)."""
+
+    max_batch_size: int = 16  # rows (texts or prompts) in one forward pass; also the most texts one request may send
+    queue_size: int = 256  # requests waiting for one base; one more is refused (Busy)
+    max_tokens: int = 512  # the most new tokens a request may ask for
+    max_input_chars: int = 20_000  # one text, prompt or message
+    batch_wait_ms: float = 5.0  # how long a batch's first request waits for others to join it
+
+    def check(self) -> ServeLimits:
+        for name in ("max_batch_size", "queue_size", "max_tokens", "max_input_chars"):
+            if getattr(self, name) < 1:
+                raise UserError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise UserError(f"`batch_wait_ms` must be in [0, 1000], got {self.batch_wait_ms}")
+        return self

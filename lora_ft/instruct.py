@@ -148,40 +148,66 @@ def generate(
     """Responses to `prompts` (already templated), greedy unless `temperature` > 0, each ending at EOS or after
     `max_new_tokens`. Prompts run shortest first, left-padded, `batch_size` at a time; results come back in order."""
     order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i])["input_ids"]))
-    context = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name
-    device = next(model.parameters()).device
     results: dict[int, Generation] = {}
-    sampling: dict[str, Any] = {"do_sample": False}
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    sampling = sampling_args(temperature, top_p)
     shown = progress.bar(total=len(prompts), desc=desc, unit="answer", hidden=len(prompts) <= batch_size)
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            inputs = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(device)
-            width = inputs["input_ids"].shape[1]
-            budget = min(max_new_tokens, context - width) if context else max_new_tokens
-            if budget <= 0:
-                raise UserError(f"a prompt of {width} tokens leaves no room to answer within {context} tokens")
-            with torch.no_grad():
-                output = model.generate(
-                    **inputs,
-                    max_new_tokens=budget,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **sampling,
-                )
-            for i, row in zip(chunk, output[:, width:].tolist(), strict=True):
-                stopped = tokenizer.eos_token_id in row
-                new = row[: row.index(tokenizer.eos_token_id)] if stopped else row
-                text = tokenizer.decode(new, skip_special_tokens=True).strip()
-                results[i] = Generation(prompts[i], text, stopped, len(new))
+            rows = generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, sampling)
+            for i, row in zip(chunk, rows, strict=True):
+                results[i] = answer(tokenizer, prompts[i], row)
             shown.update(len(chunk))
     finally:
         shown.close()
-        tokenizer.padding_side = side
     return [results[i] for i in range(len(prompts))]
+
+
+def sampling_args(temperature: float, top_p: float) -> dict[str, Any]:
+    """`model.generate`'s sampling arguments: greedy at temperature 0."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False}
+
+
+def generate_batch(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    sampling: dict[str, Any],
+    **watch: Any,
+) -> list[list[int]]:
+    """`prompts` as one left-padded batch through `model.generate`: each row's new tokens (an EOS and the padding
+    after it included), at most `max_new_tokens` and what the model's context leaves. `watch`: generate's
+    `streamer` and `stopping_criteria` (serve streams tokens and stops cancelled rows)."""
+    context = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    finally:
+        tokenizer.padding_side = side
+    width = inputs["input_ids"].shape[1]
+    budget = min(max_new_tokens, context - width) if context else max_new_tokens
+    if budget <= 0:
+        raise UserError(f"a prompt of {width} tokens leaves no room to answer within {context} tokens")
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=budget,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+            **watch,
+        )
+    return output[:, width:].tolist()
+
+
+def answer(tokenizer: PreTrainedTokenizerBase, prompt: str, tokens: list[int]) -> Generation:
+    """A row of new tokens as a response: up to its first EOS, decoded without special tokens, stripped."""
+    stopped = tokenizer.eos_token_id in tokens
+    new = tokens[: tokens.index(tokenizer.eos_token_id)] if stopped else tokens
+    return Generation(prompt, tokenizer.decode(new, skip_special_tokens=True).strip(), stopped, len(new))
 
 
 def rouge_l(references: list[str], responses: list[str]) -> float:
@@ -284,11 +310,17 @@ def load_base(
 
 
 def load(
-    adapter: str | Path, base: models.ModelSource | None = None, force: bool = False, full_precision: bool = False
+    adapter: str | Path,
+    base: models.ModelSource | None = None,
+    force: bool = False,
+    full_precision: bool = False,
+    onto: adapters.Loaded | None = None,
+    name: str = "default",
 ) -> adapters.Loaded:
     """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
-    adapter goes on its base quantised as in training, or in float32 with `full_precision`."""
-    return adapters.load_with_base(adapter, "instruct", load_base, base, force, full_precision)
+    adapter goes on its base quantised as in training, or in float32 with `full_precision`. With `onto`, added to
+    that loaded adapter's model (and base) as PEFT adapter `name` (see `adapters.load_with_base`)."""
+    return adapters.load_with_base(adapter, "instruct", load_base, base, force, full_precision, onto, name)
 
 
 def check_sampling(max_new_tokens: int | None, temperature: float, top_p: float) -> dict[str, Any]:

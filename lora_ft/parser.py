@@ -7,7 +7,7 @@ import typing
 from typing import Any
 
 from . import tasks
-from .config import RunConfig, settings, task_defaults
+from .config import RunConfig, ServeLimits, settings, task_defaults
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +53,25 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, with --temperature")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
     _add_force(parser)
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    defaults = ServeLimits()
+    parser.add_argument("adapters", nargs="+", metavar="adapter", help="adapter folders; each is named by its folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed)")
+    parser.add_argument(
+        "--api-key", help="require `Authorization: Bearer KEY` on /v1/ requests (default: $LORA_FT_API_KEY, if set)"
+    )
+    limits = {
+        "--max-batch-size": (int, "most texts or prompts in one forward pass, and in one request"),
+        "--queue-size": (int, "most requests waiting per base; more are answered 503"),
+        "--max-tokens": (int, "most new tokens a request may ask for"),
+        "--max-input-chars": (int, "longest text, prompt or message, in characters"),
+        "--batch-wait-ms": (float, "how long a batch's first request waits for others to join it"),
+    }
+    for flag, (kind, text) in limits.items():
+        parser.add_argument(flag, type=kind, default=getattr(defaults, flag[2:].replace("-", "_")), help=text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,9 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter", help="adapter or merged-export folder")
     inspect.add_argument("--json", action="store_true", help="the manifest as it is stored")
 
+    _add_serve(commands.add_parser("serve", help="serve adapters over an OpenAI-compatible HTTP API and a web page"))
+
     bench = commands.add_parser("bench", help="measure training speed and memory: lora_ft vs naive vs full FT")
     bench.add_argument("--quick", action="store_true", help="time a few steps per setup, extrapolate each epoch")
     bench.add_argument("--inference", action="store_true", help="measure predict and generate instead (vs naive loops)")
+    bench.add_argument(
+        "--serve", nargs="+", metavar="ADAPTER", help="measure `serve` on these adapters: batched vs one at a time"
+    )
     bench.add_argument("--json", help="also write the figures to this JSON file")
     bench.add_argument("--tokenizer", help="GPT-2 tokenizer: Hub id or folder (default: the copy shipped with lora_ft)")
     bench.add_argument("--data", help="SMS spam file (default: $LORA_FT_DATA_DIR, then the copy shipped with lora_ft)")

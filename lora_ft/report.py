@@ -158,3 +158,34 @@ def inspection(listed: Listed, manifest: dict[str, Any]) -> list[str]:
         lines.append(f"test {listed.metric}: {listed.value:.4f}")
     lines += [*readable(manifest), "files:"]
     return lines + [f"  {f.name}  {size(f.stat().st_size)}" for f in sorted(folder.iterdir()) if f.is_file()]
+
+
+def serving(memory: dict[str, Any], count: int) -> list[str]:
+    """What `serve` holds in memory (serve.Registry.memory): each base once, with its adapters' own weights."""
+    lines = []
+    for base in memory["bases"]:
+        own = ", ".join(f"{name} {size(n)}" for name, n in base["adapters"].items())
+        shared = f"shared by {len(base['adapters'])} adapters" if len(base["adapters"]) > 1 else "1 adapter"
+        lines.append(f"base {base['base']} ({base['model_class']}): {size(base['weight_bytes'])}, {shared}: {own}")
+    bases = len(memory["bases"])
+    lines.append(
+        f"weights: {size(memory['weight_bytes'])} for {count} adapters on {bases} base{'s' * (bases > 1)}; "
+        f"process memory (RSS) {size(memory['rss_bytes'])}"
+    )
+    return lines
+
+
+def serve_bench(figures: dict[str, Any]) -> str:
+    """`bench --serve`'s table: requests per second and latency of each adapter, batched against one at a time."""
+    lines = [f"{'adapter':<28}{'way':<15}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}   speedup, same answers"]
+    for name, row in figures["adapters"].items():
+        for way in ("batched", "one_at_a_time"):
+            m = row[way]
+            tail = f"   {row['speedup']:.2f}x, {row['same_answers']:.0%}" if way == "batched" else ""
+            shown = name if way == "batched" else ""
+            lines.append(
+                f"{shown[:27]:<28}{way.replace('_', ' '):<15}{m['requests_per_second']:>8.1f}"
+                f"{m['p50_ms']:>9.0f}{m['p99_ms']:>9.0f}{tail}"
+            )
+    what = f"{figures['clients']} concurrent clients, {next(iter(figures['adapters'].values()))['requests']} requests"
+    return "\n".join([*lines, f"({what} per adapter and way; generation greedy)"])

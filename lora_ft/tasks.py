@@ -24,8 +24,16 @@ class TaskModule(Protocol):
 
     def train(self, config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> TrainResult: ...
 
-    def load(self, adapter: str | Path, base: Any = None, force: bool = False, full_precision: bool = False) -> Loaded:
-        """The adapter on its base, in eval mode."""
+    def load(
+        self,
+        adapter: str | Path,
+        base: Any = None,
+        force: bool = False,
+        full_precision: bool = False,
+        onto: Loaded | None = None,
+        name: str = "default",
+    ) -> Loaded:
+        """The adapter on its base, in eval mode (with `onto`: added to that adapter's model, sharing its base)."""
 
     def check_texts(self, manifest: dict[str, Any], count: int) -> list[str]:
         """The first `count` inputs of the adapter's own test split, as the model reads them."""
@@ -41,6 +49,7 @@ class Task:
     help: str  # one line, for the command list
     key_metric: str  # the test metric shown for an adapter (listing, inspect)
     model_class: str  # the transformers Auto class of its base, and of a merged export
+    serves: str  # what `serve` answers with its adapters: "classify" (/v1/classify) or "generate" (completions)
 
     def code(self) -> TaskModule:
         return importlib.import_module(self.module)  # type: ignore[return-value]
@@ -53,6 +62,7 @@ TASKS = {
         "train a LoRA text classifier (SMS spam vs. ham by default)",
         "accuracy",
         "AutoModelForSequenceClassification",
+        "classify",
     ),
     "instruct": Task(
         "instruct",
@@ -60,6 +70,7 @@ TASKS = {
         "instruction-tune with LoRA (TRL SFTTrainer)",
         "rouge_l",
         "AutoModelForCausalLM",
+        "generate",
     ),
 }
 NAMES = tuple(TASKS)

@@ -1,0 +1,429 @@
+"""`serve`'s library: trained adapters loaded onto shared bases, and requests run in batches. Adapters whose bases are
+the same (same weights, same task's model class, same quantisation) share one copy of it: one PEFT model per base,
+each adapter a named PEFT adapter on it, switched per batch (a classifier's head is PEFT's `modules_to_save`, kept
+per adapter). A worker thread per base takes the requests queued for it, a batch at a time: those for one adapter
+that arrive within `batch_wait_ms` of each other run as one forward pass (one `generate` call). The queue is
+bounded. The HTTP side (FastAPI) is server.py; this module knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+
+from . import adapters, classify, data, instruct, models, tasks
+from .config import ServeLimits as Limits
+from .errors import UserError
+from .manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(UserError):
+    """A request names a model this server has not loaded (HTTP 404)."""
+
+
+class Busy(Exception):
+    """The queue of a base is full: the request is refused, to be retried later (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int  # already capped by what the model's context leaves after the prompt
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+Notify = Callable[[str, Any], None]  # ("text", delta) while streaming, then ("done", result) or ("error", message)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's work: texts to classify, or one prompt to answer. `notify` is called from the worker thread."""
+
+    adapter: Adapter
+    inputs: list[str]
+    lengths: list[int]  # tokens of each input
+    notify: Notify
+    sampling: Sampling | None = None
+    stream: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys can share a forward pass: one adapter, one kind of sampling. A seeded job runs alone,
+        so that its seed alone decides its sample (as `generate --seed` does)."""
+        s = self.sampling
+        if s is None or s.temperature == 0:
+            return (self.adapter.name,)
+        return (self.adapter.name, s.temperature, s.top_p, id(self) if s.seed is not None else None)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass(eq=False)
+class Adapter:
+    """One served adapter: the model a request names (its folder's name)."""
+
+    name: str
+    path: Path
+    task: tasks.Task
+    manifest: Manifest
+    tokenizer: Any  # used by the base's worker thread only
+    checker: Any  # a copy, for counting a request's tokens on the server's thread (tokenizers are not thread-safe)
+    base: Base
+    peft_name: str
+    weight_bytes: int = 0
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.checker(text)["input_ids"])
+
+    def describe(self) -> dict[str, Any]:
+        """What /v1/models says of it."""
+        manifest = self.manifest
+        metric = self.task.key_metric
+        created = datetime.fromisoformat(manifest.created)
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": int(created.timestamp()),
+            "owned_by": "lora_ft",
+            "task": manifest.task,
+            "serves": self.task.serves,
+            "base": adapters.base_name(manifest.base),
+            "created_at": manifest.created,
+            "metric": {"name": metric, "value": manifest.test_metric(metric)},
+            "metrics": {k: v for k, v in manifest.metrics.get("test", {}).items() if isinstance(v, (int, float))},
+            "labels": manifest.label_names or None,
+            "weight_bytes": self.weight_bytes,
+        }
+
+
+class Base:
+    """One base model in memory with its adapters, and the worker thread that runs their batches."""
+
+    def __init__(self, loaded: adapters.Loaded, model_class: str, limits: Limits, stats: Stats):
+        self.loaded, self.model, self.model_class = loaded, loaded.model, model_class
+        self.limits, self.stats = limits, stats
+        self.context: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        self.waiting: deque[Job] = deque()
+        self.ready = threading.Condition()
+        self.weight_bytes = 0
+        self.thread = threading.Thread(target=self._work, name=f"serve-{adapters.base_name(loaded.base)}", daemon=True)
+
+    def submit(self, job: Job) -> None:
+        with self.ready:
+            if len(self.waiting) >= self.limits.queue_size:
+                self.stats.count("refused")
+                raise Busy(f"the queue for {job.adapter.name}'s base is full ({self.limits.queue_size}): retry later")
+            self.waiting.append(job)
+            self.ready.notify()
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            try:
+                self._run(batch)
+            except Exception as e:  # a failed batch answers its own requests with an error; the server goes on
+                log.exception("batch of %d for %s failed", len(batch), batch[0].adapter.name)
+                for job in batch:
+                    job.notify("error", f"{type(e).__name__}: {e}")
+
+    def _take(self) -> list[Job]:
+        """The oldest waiting job and the ones that can share its forward pass, after a short wait for more."""
+        batch: list[Job] = []
+        with self.ready:
+            while not batch:  # empty when every waiting job was cancelled
+                while not self.waiting:
+                    self.ready.wait()
+                deadline = time.monotonic() + self.limits.batch_wait_ms / 1000
+                while len(self.waiting) < self.limits.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                    self.ready.wait(left)
+                for job in list(self.waiting):
+                    if job.cancelled.is_set():
+                        self.waiting.remove(job)
+                        self.stats.count("cancelled")
+                    elif not batch or (job.key == batch[0].key and self._fits(batch, job)):
+                        self.waiting.remove(job)
+                        batch.append(job)
+        return batch
+
+    def _fits(self, batch: list[Job], job: Job) -> bool:
+        """Whether `job` can join: rows within the batch size, and (generating) every row's answer within the
+        context, the batch being as wide as its longest prompt."""
+        jobs = [*batch, job]
+        if sum(len(j.inputs) for j in jobs) > self.limits.max_batch_size:
+            return False
+        if job.sampling is None or self.context is None:
+            return True
+        return max(max(j.lengths) for j in jobs) + max(j.sampling.max_tokens for j in jobs) <= self.context
+
+    def _run(self, batch: list[Job]) -> None:
+        adapter = batch[0].adapter
+        self.model.set_adapter(adapter.peft_name)
+        self.stats.batch(sum(len(job.inputs) for job in batch))
+        RUNS[adapter.task.serves](self.model, adapter, batch)
+
+
+def _classify(model: Any, adapter: Adapter, batch: list[Job]) -> None:
+    texts = [text for job in batch for text in job.inputs]
+    labels, max_length = adapter.manifest.label_names, adapter.manifest.config["max_length"]
+    predictions = iter(classify.classify_batch(model, adapter.tokenizer, texts, labels, max_length))
+    for job in batch:
+        job.notify("done", list(itertools.islice(predictions, len(job.inputs))))
+
+
+def _generate(model: Any, adapter: Adapter, batch: list[Job]) -> None:
+    sampling = batch[0].sampling
+    watch = _Watch(batch, adapter.tokenizer)
+    prompts = [job.inputs[0] for job in batch]
+    longest = max(job.sampling.max_tokens for job in batch)
+    # Sampling draws from torch's one global generator: one sampling batch at a time (across bases), so that a seed
+    # alone decides its sample. A seeded job runs alone (see Job.key).
+    with _SAMPLING if sampling.temperature > 0 else contextlib.nullcontext():
+        if sampling.seed is not None:
+            set_seed(sampling.seed)
+        instruct.generate_batch(
+            model,
+            adapter.tokenizer,
+            prompts,
+            longest,
+            instruct.sampling_args(sampling.temperature, sampling.top_p),
+            streamer=watch,
+            stopping_criteria=StoppingCriteriaList([watch]),
+        )
+    watch.finish()
+
+
+_SAMPLING = threading.Lock()
+
+
+RUNS: dict[str, Callable[[Any, Adapter, list[Job]], None]] = {"classify": _classify, "generate": _generate}
+
+
+class _Watch(StoppingCriteria):
+    """`generate`'s streamer and stopping criterion for one batch: it keeps each row's new tokens (up to its EOS or
+    its own `max_tokens`), streams the text they add, and stops rows whose request was cancelled."""
+
+    def __init__(self, jobs: list[Job], tokenizer: Any):
+        self.jobs, self.tokenizer = jobs, tokenizer
+        self.tokens: list[list[int]] = [[] for _ in jobs]
+        self.shown = [""] * len(jobs)
+        self.width = 0  # the padded prompts' length
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() == 2:  # generate hands the streamer the prompts first
+            self.width = value.shape[1]
+            return
+        for i, token in enumerate(value.tolist()):
+            job, tokens = self.jobs[i], self.tokens[i]
+            if self._done(i) or job.cancelled.is_set():
+                continue
+            tokens.append(token)
+            if job.stream:
+                self._show(i, self._text(tokens))
+
+    def end(self) -> None:
+        pass
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        made = input_ids.shape[1] - self.width  # new tokens in every row so far, the one just chosen included
+        stop = [job.cancelled.is_set() or made >= job.sampling.max_tokens for job in self.jobs]
+        return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
+
+    def finish(self) -> None:
+        for i, job in enumerate(self.jobs):
+            generation = instruct.answer(self.tokenizer, job.inputs[0], self.tokens[i])
+            if job.stream:
+                self._show(i, generation.response, final=True)
+            job.adapter.base.stats.count("tokens", len(self.tokens[i]))
+            cancelled = job.cancelled.is_set() and not self._done(i)
+            if cancelled:
+                job.adapter.base.stats.count("cancelled")
+            job.notify("done", (generation, "cancelled" if cancelled else _finish_reason(generation)))
+
+    def _done(self, i: int) -> bool:
+        tokens = self.tokens[i]
+        return len(tokens) >= self.jobs[i].sampling.max_tokens or self.tokenizer.eos_token_id in tokens[-1:]
+
+    def _text(self, tokens: list[int]) -> str:
+        eos = self.tokenizer.eos_token_id
+        return self.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True).lstrip()
+
+    def _show(self, i: int, text: str, final: bool = False) -> None:
+        """Send the text added since the last call. Until the end, trailing whitespace and a character still
+        incomplete (its bytes split across tokens) are held back, so that the pieces add up to the final answer."""
+        if not final:
+            text = text.rstrip().removesuffix("\ufffd")
+        if len(text) > len(self.shown[i]):
+            self.jobs[i].notify("text", text[len(self.shown[i]) :])
+            self.shown[i] = text
+
+
+def _finish_reason(generation: instruct.Generation) -> str:
+    return "stop" if generation.stopped_at_eos else "length"
+
+
+class Stats:
+    """Counters for /health: requests, batches and their sizes, refusals, cancellations."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.values = {"requests": 0, "batches": 0, "rows": 0, "largest_batch": 0, "refused": 0, "cancelled": 0}
+        self.values["tokens"] = 0  # generated
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self.values[name] += n
+
+    def batch(self, rows: int) -> None:
+        with self.lock:
+            self.values["batches"] += 1
+            self.values["rows"] += rows
+            self.values["largest_batch"] = max(self.values["largest_batch"], rows)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.values)
+
+
+class Registry:
+    """The served adapters by name, their bases, limits and counters; requests come in through `classify` and
+    `generate`, which check them and queue their jobs."""
+
+    def __init__(self, served: dict[str, Adapter], bases: list[Base], limits: Limits, stats: Stats):
+        self.adapters, self.bases, self.limits, self.stats = served, bases, limits, stats
+
+    def set_limits(self, limits: Limits) -> None:
+        """New limits, from the next batch on (bench --serve compares batch sizes on the same loaded models)."""
+        self.limits = limits.check()
+        for base in self.bases:
+            base.limits = self.limits
+
+    def get(self, name: str, serves: str) -> Adapter:
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            raise NotFound(f"model {name!r} is not served here (served: {', '.join(self.adapters)})")
+        if adapter.task.serves != serves:
+            raise UserError(f"model {name!r} is a '{adapter.manifest.task}' adapter: it does not {serves}")
+        return adapter
+
+    def classify(self, name: str, texts: list[str], notify: Notify) -> Job:
+        adapter = self.get(name, "classify")
+        if not 1 <= len(texts) <= self.limits.max_batch_size:
+            raise UserError(f"`input` must hold 1 to {self.limits.max_batch_size} texts, got {len(texts)}")
+        for number, text in enumerate(texts, 1):
+            self._check_text(text, f"text {number}")
+        return self._submit(Job(adapter, texts, [adapter.count_tokens(t) for t in texts], notify))
+
+    def generate(
+        self, name: str, request: dict[str, Any], max_tokens: int | None, sampling: dict[str, Any], notify: Notify
+    ) -> Job:
+        """Queue an answer. `request`: `instruction` (and `input`) put in the training template as `generate` does,
+        or with `raw` the instruction as the whole prompt; `stream`. `sampling`: temperature, top_p, seed."""
+        adapter = self.get(name, "generate")
+        self._check_text(request["instruction"], "the prompt")
+        self._check_text(request.get("input") or "", "the input", empty=True)
+        if request.get("raw"):
+            prompt = request["instruction"]
+        else:
+            prompt = data.format_prompt(request["instruction"], request.get("input") or "")
+        instruct.check_sampling(max_tokens, sampling["temperature"], sampling["top_p"])
+        default = min((adapter.manifest.generation or {}).get("max_new_tokens", 256), self.limits.max_tokens)
+        if (max_tokens or 0) > self.limits.max_tokens:
+            raise UserError(f"`max_tokens` {max_tokens} is over this server's cap of {self.limits.max_tokens}")
+        length, context = adapter.count_tokens(prompt), adapter.base.context
+        if context is not None and length >= context:
+            raise UserError(f"the prompt is {length} tokens: {name} reads at most {context}, answer included")
+        room = (context - length) if context else self.limits.max_tokens
+        limit = min(max_tokens or default, room)
+        job = Job(adapter, [prompt], [length], notify, Sampling(limit, **sampling), request.get("stream", False))
+        return self._submit(job)
+
+    def _check_text(self, text: str, what: str, empty: bool = False) -> None:
+        if not empty and not text.strip():
+            raise UserError(f"{what} is empty")
+        if len(text) > self.limits.max_input_chars:
+            raise UserError(f"{what} is {len(text)} characters, over this server's {self.limits.max_input_chars}")
+
+    def _submit(self, job: Job) -> Job:
+        job.adapter.base.submit(job)
+        self.stats.count("requests")
+        return job
+
+    def models(self) -> list[dict[str, Any]]:
+        return [adapter.describe() for adapter in self.adapters.values()]
+
+    def memory(self) -> dict[str, Any]:
+        """Weights in memory, measured: each base once, each adapter's own weights, and the process's RSS."""
+        bases = [
+            {
+                "base": adapters.base_name(base.loaded.base),
+                "model_class": base.model_class,
+                "weight_bytes": base.weight_bytes,
+                "adapters": {a.name: a.weight_bytes for a in self.adapters.values() if a.base is base},
+            }
+            for base in self.bases
+        ]
+        weights = sum(b["weight_bytes"] + sum(b["adapters"].values()) for b in bases)
+        return {"bases": bases, "weight_bytes": weights, "rss_bytes": psutil.Process().memory_info().rss}
+
+
+def load(paths: list[str], limits: Limits | None = None) -> Registry:
+    """Every adapter checked against its base as `predict` and `generate` check it, and loaded: onto a base already
+    in memory when one is the same (see the module's docstring), else onto a new one. Workers start here."""
+    limits = (limits or Limits()).check()
+    names = [Path(p).resolve().name for p in paths]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"two adapters are named {twice[0]!r}: a model is named by its folder, so names must differ")
+    stats, bases, served = Stats(), {}, {}
+    for number, (path, name) in enumerate(zip(paths, names, strict=True)):
+        manifest = adapters.read_manifest(path)
+        task = tasks.get(manifest.task, f"{path}: task")
+        source = models.source_from_manifest(manifest.base)
+        key = (task.model_class, source.kind, source.location, source.gguf_file, manifest.as_trained)
+        key += (len(manifest.label_names),)  # a classifier's base has a head of that many labels
+        base = bases.get(key)
+        peft_name = f"served_{number}"  # PEFT names become module names: no dots, unlike some folder names
+        started = time.perf_counter()
+        loaded = task.code().load(path, onto=base.loaded if base else None, name=peft_name)
+        if base is None:
+            base = bases[key] = Base(loaded, task.model_class, limits, stats)
+        checker = copy.deepcopy(loaded.tokenizer)
+        served[name] = Adapter(name, Path(path), task, loaded.manifest, loaded.tokenizer, checker, base, peft_name)
+        log.info("loaded %s (%s) in %.1f s", name, manifest.task, time.perf_counter() - started)
+    _measure(list(bases.values()), served)
+    for base in bases.values():
+        base.thread.start()
+    return Registry(served, list(bases.values()), limits, stats)
+
+
+def _measure(bases: list[Base], served: dict[str, Adapter]) -> None:
+    """Bytes of the weights each base holds, split into the base's own and each adapter's (its LoRA matrices and
+    its copy of the head). PEFT names an adapter's tensors with its adapter name as one part of their path."""
+    for base in bases:
+        owners = {a.peft_name: a for a in served.values() if a.base is base}
+        tensors = itertools.chain(base.model.named_parameters(), base.model.named_buffers())
+        for name, tensor in tensors:
+            size = tensor.numel() * tensor.element_size()
+            owner = next((owners[part] for part in name.split(".") if part in owners), None)
+            if owner is None:
+                base.weight_bytes += size
+            else:
+                owner.weight_bytes += size
