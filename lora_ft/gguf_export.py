@@ -220,9 +220,8 @@ def write_adapter(model: Any, path: Path, kind: str, name: str) -> dict[str, Any
         weight_name = f"{module_name}.weight"
         a = module.lora_A["default"].weight.detach().float().numpy()
         b = fam.lora_b(weight_name, module.lora_B["default"].weight.detach().float().numpy(), config)
-        base = module.base_layer.weight.detach().float()
-        target = fam.tensor(weight_name, (base + module.get_delta_weight("default")).numpy(), config)
-        target = target - fam.tensor(weight_name, base.numpy(), config)  # the delta in llama.cpp's layout
+        # PEFT's delta in the weight's own layout, moved to llama.cpp's (a transpose or a row permutation: linear)
+        target = fam.tensor(weight_name, module.get_delta_weight("default").detach().float().numpy(), config)
         if a.shape[1] != target.shape[1] or b.shape[0] != target.shape[0]:
             raise UserError(f"GGUF adapter: {weight_name}'s pair does not fit its weight in llama.cpp's layout")
         applied = lora.lora_alpha / a.shape[0] * (b @ a)
