@@ -86,6 +86,8 @@ def merge(
             f"{adapter}: a {task.name} adapter cannot be exported as GGUF: llama.cpp runs language models only "
             "(it has no classification head)"
         )
+    if gguf is not None or gguf_adapter:
+        gguf_export.family(manifest.base.get("model_type", ""))  # refused now, not after the merge
     source = models.resolve_model(base) if base else models.source_from_manifest(manifest.base)
     keep = {"the adapter": adapter}
     if source.kind != "hub":
