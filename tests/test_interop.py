@@ -74,15 +74,42 @@ def test_transformers_4_loads_the_export_and_the_adapter(export: Path, instruct_
     assert torch.allclose(torch.tensor(old["peft"]), new, atol=1e-4)
 
 
-def test_llama_cpp_converter_converts_the_export_as_merge_does(export: Path, tmp_path: Path):
+def _llama_cpp() -> Path:
+    """llama.cpp's sources as llama-cpp-python's source distribution vendors them, unpacked once into the cache."""
     source = CACHE / "llama-cpp-python"
     if not source.exists():
         download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
         subprocess.run([*download, "-d", str(source), "llama-cpp-python"], check=True, timeout=1200)
-    archive = next(source.glob("llama_cpp_python-*.tar.gz"))
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path, filter="data")
-    llama_cpp = next(tmp_path.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+    unpacked = CACHE / "src"
+    if not unpacked.exists():
+        with tarfile.open(next(source.glob("llama_cpp_python-*.tar.gz"))) as tar:
+            tar.extractall(unpacked, filter="data")
+    return next(unpacked.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+
+
+def test_llama_cpp_answers_as_generate(export: Path):
+    """llama.cpp itself (its `llama-simple`, built here with cmake) answers the four prompts greedily from the f32
+    GGUF with the adapter's own answers."""
+    llama_cpp = _llama_cpp()
+    simple = llama_cpp / "build" / "bin" / "llama-simple"
+    if not simple.exists():
+        configure = ["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF"]
+        subprocess.run([*configure, "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], cwd=llama_cpp, check=True)
+        build = ["cmake", "--build", "build", "-j2", "--target", "llama-simple"]
+        subprocess.run(build, cwd=llama_cpp, check=True, capture_output=True, timeout=1800)
+    for (_, _, expected), prompt in zip(PAIRS, PROMPTS, strict=True):
+        done = subprocess.run(
+            [str(simple), "-m", str(export / "gpt2.gguf"), "-n", "24", prompt],  # the prompt as an argument, exactly
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split(prompt, 1)[1].replace("<|endoftext|>", "").strip() == expected
+
+
+def test_llama_cpp_converter_converts_the_export_as_merge_does(export: Path, tmp_path: Path):
+    llama_cpp = _llama_cpp()
     python = _venv("tf4", "torch==2.13.0", "transformers==4.57.*", "peft==0.17.*")  # llama.cpp requires 4.x
     converted = tmp_path / "converted.gguf"
     done = subprocess.run(
