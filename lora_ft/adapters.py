@@ -35,8 +35,7 @@ def save_adapter(model: Any, tokenizer: Any, folder: Path, state: dict[str, Any]
     the model's own are sharded (PEFT picks the adapter's out of it)."""
     model.save_pretrained(folder, state_dict=state)
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template; lora_ft.json says more
-    tokenizer.save_pretrained(folder)
-    interop.portable_tokenizer(folder)
+    interop.save_tokenizer(tokenizer, folder)
 
 
 def library_versions() -> dict[str, str]:

@@ -131,16 +131,16 @@ def _vocabulary(tokenizer: PreTrainedTokenizerBase, size: int) -> tuple[list[str
     """Every token by id, with llama.cpp's type: added special tokens are control tokens, ids the tokenizer does
     not use (an embedding larger than the vocabulary) unused placeholders."""
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
-    added = {i: token for i, token in tokenizer.added_tokens_decoder.items()}
+    added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i in range(size):
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
         if i not in by_id:
-            tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
-            tokens.append(by_id[i])
-            kind = gguf.TokenType.CONTROL if i in added and added[i].special else gguf.TokenType.USER_DEFINED
-            types.append(kind if i in added else gguf.TokenType.NORMAL)
+            types.append(gguf.TokenType.NORMAL)
     return tokens, types
 
 
@@ -157,13 +157,19 @@ def _encoded(tensor: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.n
 
 
 def write(
-    model: PreTrainedModel, tokenizer_folder: Path, path: Path, kind: str, name: str, base_gguf: Path | None
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_folder: Path,
+    path: Path,
+    kind: str,
+    name: str,
+    base_gguf: Path | None,
 ) -> dict[str, Any]:
-    """Write `model` (float32 weights) with the tokenizer saved in `tokenizer_folder` to the GGUF file `path`, in
-    `kind` (see QTYPES); returns what the manifest records of it."""
+    """Write `model` (float32 weights) with `tokenizer` (saved in `tokenizer_folder`, where gguf's SpecialVocab
+    reads its merges and special tokens) to the GGUF file `path`, in `kind` (see QTYPES); returns what the manifest
+    records of it."""
     config, fam = model.config, family(model.config.model_type)
     qtype, file_type = QTYPES[kind]
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[fam.arch])
     writer.add_name(name)
     fam.hparams(config, writer)
@@ -189,11 +195,16 @@ def write(
         array, stored = _encoded(fam.tensor(hf_name, weight.float().numpy(), config), qtype)
         writer.add_tensor(f"{gguf_name}.{suffix}", array, raw_dtype=stored)
         written[stored.name] = written.get(stored.name, 0) + 1
+    _finish(writer)
+    return {"file": path.name, "type": kind, "tensors_by_type": written, "bytes": path.stat().st_size}
+
+
+def _finish(writer: gguf.GGUFWriter) -> None:
+    """The file written in gguf's order: header, metadata, tensors."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"file": path.name, "type": kind, "tensors_by_type": written, "bytes": path.stat().st_size}
 
 
 def write_adapter(model: Any, path: Path, kind: str, name: str) -> dict[str, Any]:
@@ -232,10 +243,7 @@ def write_adapter(model: Any, path: Path, kind: str, name: str) -> dict[str, Any
             writer.add_tensor(f"{gguf_name}.weight.{suffix}", array, raw_dtype=stored)
     if worst > 1e-5:
         raise UserError(f"GGUF adapter: applied as llama.cpp does, it differs from PEFT's by {worst:.2g}")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return {"file": path.name, "type": kind, "alpha": lora.lora_alpha, "rank": lora.r, "max_relative_diff": worst}
 
 

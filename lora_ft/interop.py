@@ -15,13 +15,12 @@ from .files import write_json_atomically
 PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
 
-def portable_tokenizer(folder: Path) -> None:
-    """Rewrite the tokenizer files transformers 5 saved in `folder` for older readers: a tokenizer class they
-    know, and the chat template inside tokenizer_config.json as well as in chat_template.jinja beside it (4.x
-    before 4.43 and llama.cpp's converter look for it there only)."""
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """`tokenizer` saved into `folder` as transformers 5 saves it, then rewritten for older readers: a tokenizer
+    class they know, and the chat template inside tokenizer_config.json as well as in chat_template.jinja beside it
+    (4.x before 4.43 and llama.cpp's converter look for it there only)."""
+    tokenizer.save_pretrained(folder)
     path = folder / "tokenizer_config.json"
-    if not path.is_file():
-        return
     config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     name = config.get("tokenizer_class")
     config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS.get(name, name)

@@ -152,11 +152,11 @@ def merge(
     }
     with files.staged(output, overwrite, keep) as tmp:
         merged.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
+        interop.save_tokenizer(loaded.tokenizer, tmp)
         interop.portable_config(tmp)
-        interop.portable_tokenizer(tmp)
         if gguf is not None:
-            section["gguf"] = _export_gguf(float32_merged, tmp, output.name, gguf, source, batch, reference, manifest)
+            exported = _export_gguf(float32_merged, loaded.tokenizer, tmp, output.name, gguf, source, batch, reference)
+            section["gguf"] = exported | _modelfile(tmp, exported["file"], manifest, loaded.tokenizer)
         if lora_gguf is not None:
             section["gguf_adapter"], content = lora_gguf
             (tmp / section["gguf_adapter"]["file"]).write_bytes(content)
@@ -175,26 +175,29 @@ def _adapter_gguf(model: torch.nn.Module, name: str, kind: str) -> tuple[dict[st
 
 def _export_gguf(
     model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     folder: Path,
     name: str,
     kind: str,
     source: models.ModelSource,
     batch: BatchEncoding,
     reference: torch.Tensor,
-    manifest: Manifest,
 ) -> dict[str, Any]:
-    """`folder/<name>.gguf` from the float32 merged `model` (tokenizer from `folder`), read back and checked against
-    `reference` (base + adapter), and the Modelfile beside it; what the manifest records of both."""
+    """`folder/<name>.gguf` from the float32 merged `model` and `tokenizer` (saved in `folder`), read back and
+    checked against `reference` (base + adapter); what the manifest records of it."""
     path = folder / f"{name}.gguf"
     base_gguf = Path(source.location) / source.gguf_file if source.gguf_file else None
-    written = gguf_export.write(model, folder, path, kind, name, base_gguf)
+    written = gguf_export.write(model, tokenizer, folder, path, kind, name, base_gguf)
     read_back = gguf_export.family(model.config.model_type).read_back(model.config)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    written["check"] = gguf_export.check(path, batch, reference, tokenizer, kind, read_back)
+    return written | {"check": gguf_export.check(path, batch, reference, tokenizer, kind, read_back)}
+
+
+def _modelfile(folder: Path, gguf_name: str, manifest: Manifest, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """The Ollama Modelfile beside the GGUF: the adapter's prompt template and stop token."""
     stop = (manifest.generation or {}).get("stops_at") or tokenizer.eos_token
     template = manifest.data.get("prompt_template")
-    (folder / "Modelfile").write_text(gguf_export.modelfile(path.name, template, stop), encoding="utf-8")
-    return written | {"modelfile": "Modelfile", "prompt_template": template or "prompt as given", "stop": stop}
+    (folder / "Modelfile").write_text(gguf_export.modelfile(gguf_name, template, stop), encoding="utf-8")
+    return {"modelfile": "Modelfile", "prompt_template": template or "prompt as given", "stop": stop}
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> BatchEncoding:
