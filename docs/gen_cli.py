@@ -28,6 +28,7 @@ SEE_ALSO = {
     "adapters": ("adapters.md#listing-and-inspecting-adapters", "Listing and inspecting adapters"),
     "inspect": ("adapters.md#listing-and-inspecting-adapters", "Listing and inspecting adapters"),
     "serve": ("serving.md", "Serving adapters"),
+    "compare": ("compare.md", "Comparing methods"),
     "bench": ("benchmark.md", "Speed and memory"),
 }
 

@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import interop, tasks
+from . import interop, methods, tasks
 from .errors import UserError
 from .manifest import FILENAME, Manifest
 from .runs import ADAPTERS_DIR, PARTIAL, RUN_RECORD, newest_checkpoint, output_of, read_run_record, running
@@ -30,10 +30,11 @@ def default_output(task: str, model_name: str) -> Path:
     return ADAPTERS_DIR / f"{task}-{model_name}-{stamp}"
 
 
-def save_adapter(model: Any, tokenizer: Any, folder: Path, state: dict[str, Any] | None = None) -> None:
-    """PEFT's adapter files and the tokenizer; the base is not written. `state`: the whole model's weights, where
-    the model's own are sharded (PEFT picks the adapter's out of it)."""
-    model.save_pretrained(folder, state_dict=state)
+def save_adapter(model: Any, tokenizer: Any, folder: Path, state: dict[str, Any] | None = None, **how: Any) -> None:
+    """PEFT's adapter files and the tokenizer; the base is not written (a fully fine-tuned model, not a PEFT one, is
+    written whole). `state`: the whole model's weights, where the model's own are sharded (PEFT picks the adapter's
+    out of it); `how`: more of `save_pretrained`'s arguments (methods.save_kwargs)."""
+    model.save_pretrained(folder, state_dict=state, **how)
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template; lora_ft.json says more
     interop.save_tokenizer(tokenizer, folder)
 
@@ -53,11 +54,19 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 def read_manifest(folder: str | Path, adapter: bool = True) -> Manifest:
     """The folder's manifest. With `adapter`, the folder must also hold PEFT's adapter (not a merged export)."""
     manifest = Manifest.read(folder)
-    if adapter and not (Path(folder) / "adapter_config.json").is_file():
+    if adapter and is_whole_model(manifest):
+        if not (Path(folder) / "config.json").is_file():
+            raise UserError(f"{folder}: config.json is missing (a fully fine-tuned model is saved whole)")
+    elif adapter and not (Path(folder) / "adapter_config.json").is_file():
         if manifest.merge is not None:
             raise UserError(f"{folder}: a merged export, not an adapter (load it with transformers directly)")
         raise UserError(f"{folder}: adapter_config.json is missing")
     return manifest
+
+
+def is_whole_model(manifest: Manifest) -> bool:
+    """A fully fine-tuned model (`method` full), saved whole rather than as an adapter apart from its base."""
+    return manifest.merge is None and not methods.of(manifest.config).adapter
 
 
 @dataclass
@@ -91,12 +100,16 @@ def load_with_base(
     from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
-    from .models import base_mismatches, describe_base, source_from_manifest
+    from .models import ModelSource, base_mismatches, describe_base, source_from_manifest
 
     manifest = read_manifest(adapter)
     if manifest.task != task:
         raise UserError(f"{adapter}: a '{manifest.task}' adapter, not a {task} one")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
+    if is_whole_model(manifest):  # its own weights: nothing to check them against, nothing to share
+        own = ModelSource(str(adapter), "local", str(Path(adapter).resolve()))
+        whole = load_base(own, tokenizer, manifest, None, "fp32")
+        return Loaded(whole.eval(), tokenizer, manifest, manifest.base, [])
     source = source or source_from_manifest(manifest.base)
     if onto is None:
         quantize, precision = (None, "fp32") if full_precision else manifest.as_trained
@@ -138,6 +151,7 @@ class Listed:
     path: str
     kind: str  # "adapter" | "merged" | "?" (manifest unreadable) | "interrupted" | "running" (a training run)
     task: str | None = None
+    method: str | None = None  # lora, dora, ia3, vera, full (config.METHODS)
     base: str | None = None
     created: str | None = None
     metric: str | None = None
@@ -177,6 +191,9 @@ def describe_folder(folder: Path) -> Listed:
         merge = manifest.merge
         if merge and listed.kind == "?":
             listed.kind = "merged"
+        elif is_whole_model(manifest) and (folder / "config.json").is_file():
+            listed.kind = "full model"
+        listed.method = _text(manifest.config.get("method", "lora"), "method")
         task = manifest.task
         listed.task, listed.metric = task, tasks.TASKS[task].key_metric if task in tasks.TASKS else None
         listed.created = _text(merge.get("created") if merge else manifest.created, "created", optional=True)

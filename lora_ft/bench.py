@@ -1,7 +1,8 @@
-"""Benchmark of spam LoRA training on the GPT-2-124M architecture (random weights, the real GPT-2 tokenizer, the
-real SMS training split): lora_ft's default path against a naive baseline (fp32, every input padded to 120
-tokens, no length grouping) and against full fine-tuning. Each setup runs in its own process, so that its peak
-memory is its own."""
+"""Benchmark of a task's LoRA training (spam by default, or instruct) on the GPT-2-124M architecture (random weights,
+the real GPT-2 tokenizer, the task's real training split): lora_ft's default path against a naive baseline (fp32,
+every input padded to the longest training input, no length grouping) and against full fine-tuning. Each setup runs
+in its own process, so that its peak memory is its own. The task module gives the training rows and their collator
+(`bench_data`); the model is the task's Auto class on GPT-2's config."""
 
 from __future__ import annotations
 
@@ -26,8 +27,6 @@ from transformers.trainer_callback import PrinterCallback
 from . import files, models
 from .errors import UserError
 
-NAIVE_LENGTH = 120  # the course pads every message to the longest training message, 120 tokens
-
 
 @dataclass(frozen=True)
 class Setup:
@@ -35,7 +34,7 @@ class Setup:
     description: str
     lora: bool
     precision: str  # as --precision takes it
-    pad_to: int | None  # None: dynamic padding (to the longest in the batch)
+    pad_to_longest: bool  # every input padded to one width, the longest training input (the course's); else per batch
     group_by_length: bool
     warmup_steps: int
     timed_steps: int | None  # None: the rest of one whole epoch
@@ -45,18 +44,18 @@ class Setup:
     compile: bool = False
 
 
-def setups(quick: bool) -> list[Setup]:
-    """(a) lora_ft's defaults (the spam recipe's), (b) the naive baseline, (c) full fine-tuning on the default path
+def setups(quick: bool, task: str = "spam") -> list[Setup]:
+    """(a) lora_ft's defaults (the task's recipe's), (b) the naive baseline, (c) full fine-tuning on the default path
     (for memory)."""
     from .config import task_defaults
 
-    recipe = task_defaults("spam")
+    recipe = task_defaults(task)
     lora_ft = Setup(
         name="lora_ft",
         description="LoRA, precision auto, dynamic padding, length-grouped, dropout as the recipe",
         lora=True,
         precision="auto",
-        pad_to=None,
+        pad_to_longest=False,
         group_by_length=True,
         warmup_steps=3,
         timed_steps=20 if quick else None,
@@ -66,9 +65,9 @@ def setups(quick: bool) -> list[Setup]:
     naive = replace(  # what a first script does: the model as it loads, PEFT's usual example settings
         lora_ft,
         name="naive",
-        description=f"LoRA, fp32, every input padded to {NAIVE_LENGTH}, random order, GPT-2's dropout 0.1",
+        description="LoRA, fp32, every input padded to one width, random order, GPT-2's dropout 0.1",
         precision="fp32",
-        pad_to=NAIVE_LENGTH,
+        pad_to_longest=True,
         group_by_length=False,
         warmup_steps=2,
         timed_steps=12 if quick else None,  # alike in size, but their times vary by a quarter
@@ -102,21 +101,19 @@ class StepTimer(TrainerCallback):
         return np.diff([self.start, *self.ends]).tolist()
 
 
-def flops_per_token(model: torch.nn.Module, width: int, precision: str, batch_size: int = 1) -> float:
-    """FLOPs of one forward + backward pass per (padded) token, counted by torch on a batch `width` tokens wide
-    (one row by default, so that counting does not raise the peak memory measured). It counts what autograd
-    runs: LoRA computes no gradients for the frozen weights, full fine-tuning does."""
+def flops_per_token(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str) -> float:
+    """FLOPs of one forward + backward pass per (padded) token, counted by torch on `batch` (one row of the training
+    data, so that counting does not raise the peak memory measured). It counts what autograd runs: LoRA computes no
+    gradients for the frozen weights, full fine-tuning does."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
-    ids = torch.randint(0, 50000, (batch_size, width), device=device)
     dtype = models.compute_dtype(precision)
     counter = FlopCounterMode(display=False)
     with counter, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        output = model(input_ids=ids, labels=torch.zeros(batch_size, dtype=torch.long, device=device))
-        output.loss.backward()
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / (batch_size * width)
+    return counter.get_total_flops() / batch["input_ids"].numel()
 
 
 def matmul_shapes(hidden: int = 768, tokens: int = 2048) -> list[tuple[int, int, int]]:
@@ -175,34 +172,35 @@ def load_tokenizer(spec: str | None) -> PreTrainedTokenizerBase:
 
 
 def measure(
-    setup: Setup, tokenizer: str | None, data: str | None, seed: int, architecture: dict[str, Any] | None = None
+    setup: Setup,
+    tokenizer: str | None,
+    data: str | None,
+    seed: int,
+    architecture: dict[str, Any] | None = None,
+    task: str = "spam",
 ) -> dict[str, Any]:
-    """Train `setup` for its steps in this process and measure it; run it in a fresh process (see `run`).
-    `architecture` changes GPT2Config's defaults (the 124M model), for tests."""
-    from datasets import Dataset
-    from peft import TaskType, get_peft_model
-    from transformers import DataCollatorWithPadding, GPT2Config, GPT2ForSequenceClassification, set_seed
+    """Train `setup` on `task`'s data for its steps in this process and measure it; run it in a fresh process (see
+    `run`). `architecture` changes GPT2Config's defaults (the 124M model), for tests."""
+    import transformers
+    from peft import TaskType
+    from transformers import GPT2Config, set_seed
 
-    from . import callbacks, spam, training
+    from . import callbacks, methods, tasks, training
     from .config import load_config
 
+    entry = tasks.get(task)
     overrides = {"model": "gpt2", "data": data, "seed": seed, "lora_dropout": setup.lora_dropout}
     overrides["activation_checkpointing"] = setup.activation_checkpointing
-    config = load_config("spam", overrides=overrides)  # GPT-2's recipe
-    _, splits = spam.load_splits(config)
+    overrides["method"] = "lora" if setup.lora else "full"
+    config = load_config(task, overrides=overrides)  # GPT-2's recipe
+    _, splits = entry.code().load_splits(config)
     tok = load_tokenizer(tokenizer)
     set_seed(seed)
-    architecture = {"num_labels": 2, "pad_token_id": tok.pad_token_id, **(architecture or {})}
-    model: Any = GPT2ForSequenceClassification(GPT2Config(**architecture))
+    auto_class = getattr(transformers, entry.model_class)
+    model: Any = auto_class.from_config(GPT2Config(pad_token_id=tok.pad_token_id, **(architecture or {})))
     models.set_dropout(model, setup.model_dropout)
-    if setup.lora:
-        model = get_peft_model(model, models.lora_config(model, TaskType.SEQ_CLS, config))
-    if setup.pad_to:
-        texts = list(splits["train"]["text"])
-        encoded = tok(texts, truncation=True, max_length=setup.pad_to, padding="max_length")
-        train = Dataset.from_dict({**encoded, "label": list(splits["train"]["label"])})
-    else:
-        train = spam.tokenize(splits["train"], tok, config.max_length)
+    model = methods.wrap(model, TaskType[entry.peft_task_type], config)
+    train, collator = entry.code().bench_data(splits["train"], tok, config, setup.pad_to_longest)
     precision = training.resolve_precision(setup.precision)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     steps = steps_per_epoch if setup.timed_steps is None else setup.warmup_steps + setup.timed_steps
@@ -212,7 +210,7 @@ def measure(
             config,
             Path(tmp),
             len(train),
-            "accuracy",
+            "loss",
             precision,
             max_steps=steps,
             eval_strategy="no",
@@ -222,12 +220,18 @@ def measure(
             disable_tqdm=True,
             logging_steps=steps,
         )
+        # Trainer for both tasks: instruct's rows are tokenized and masked as SFTTrainer does (instruct.encode), so
+        # a step computes what lora_ft's SFT step computes, without TRL's preprocessing in the timing.
         trainer = training.ClassifierTrainer(
-            model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tok), callbacks=[timer]
+            model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[timer]
         )
-        epoch = [callbacks.batch_tokens(batch) for batch in trainer.get_train_dataloader()]
+        batches = list(trainer.get_train_dataloader())
+        epoch = [callbacks.batch_tokens(batch) for batch in batches]
         trainer.remove_callback(PrinterCallback)  # Trainer prints its logs when there is no progress bar
-        flops = flops_per_token(trainer.model, NAIVE_LENGTH, precision)
+        # FLOPs per token of a typical row (the median-length one), as padded in this setup
+        median = sorted(range(len(train)), key=lambda i: len(train[i]["input_ids"]))[len(train) // 2]
+        one = collator([train[median]])
+        flops = flops_per_token(trainer.model, dict(one), precision)
         if setup.compile:  # after counting, which runs the blocks under a dispatch mode
             training.compile_blocks(model)
         trainer.train()
@@ -240,6 +244,8 @@ def measure(
         "precision_run": precision,
         "device": str(args.device),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "task": task,
+        "pad_to": max(batch["input_ids"].shape[1] for batch in batches) if setup.pad_to_longest else None,
         "steps_run": len(durations),
         "steps_timed": len(durations[timed]),
         "warmup_seconds": sum(durations[: setup.warmup_steps]),
@@ -334,11 +340,13 @@ def run(
     seed: int = 123,
     initializer: Callable[[], None] | None = None,
     architecture: dict[str, Any] | None = None,
+    task: str = "spam",
 ) -> dict[str, Any]:
-    """Measure the machine's matmul peaks, then every setup and the course's code (when installed), each in a fresh
-    process (started with `initializer`), and compare: lora_ft's speedup over the naive path and over the course
-    (seconds per epoch), its model-FLOP utilisation, and its peak memory against full fine-tuning."""
-    from . import course
+    """Measure the machine's matmul peaks, then every setup of `task` and the course's code (when installed, and
+    where the task has it as a peer), each in a fresh process (started with `initializer`), and compare: lora_ft's
+    speedup over the naive path and over the course (seconds per epoch), its model-FLOP utilisation, and its peak
+    memory against full fine-tuning."""
+    from . import course, tasks
 
     load_tokenizer(tokenizer)  # fail here, not in a worker
     hidden = (architecture or {}).get("n_embd", 768)
@@ -348,9 +356,9 @@ def run(
     peaks = {name: matmul_peak(dtype, matmul_shapes(hidden))["gflops_per_second"] for name, dtype in precisions.items()}
     results = {}
     jobs: dict[str, Callable[[], Any]] = {
-        s.name: partial(measure, s, tokenizer, data, seed, architecture) for s in setups(quick)
+        s.name: partial(measure, s, tokenizer, data, seed, architecture, task) for s in setups(quick, task)
     }
-    missing = course.available()
+    missing = course.available() if tasks.get(task).code().COURSE_PEER else f"the course has no LoRA code for {task}"
     if missing is None:
         jobs["course"] = partial(measure_course, quick, tokenizer, data, seed, architecture)
     for name, job in jobs.items():
@@ -362,6 +370,7 @@ def run(
     ours = results["lora_ft"]
     return {
         "quick": quick,
+        "task": task,
         "model": f"GPT-2 architecture {architecture or '124M'}, random weights",
         "machine": machine() | {"matmul_peak_gflops_per_second": peaks},
         "setups": results,

@@ -16,7 +16,7 @@ from datasets import Dataset
 from peft import TaskType, get_peft_model
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, set_seed
 
-from . import bench, classify, instruct, models
+from . import bench, classify, instruct, methods
 from .config import load_config
 
 
@@ -41,7 +41,7 @@ def run(
 
 
 def _with_lora(model: torch.nn.Module, task: TaskType, config: Any) -> torch.nn.Module:
-    return get_peft_model(model, models.lora_config(model, task, config)).eval()
+    return get_peft_model(model, methods.peft_config(model, task, config)).eval()
 
 
 def _timed(work: Any) -> tuple[Any, float]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
-from peft import TaskType, get_peft_model
+from peft import TaskType
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 from transformers import (
     DataCollatorWithPadding,
@@ -19,7 +19,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import adapters, callbacks, data, files, models, plots, report, runs, training
+from . import adapters, callbacks, data, files, methods, models, plots, report, runs, training
 from .config import RunConfig
 from .errors import UserError
 from .manifest import Manifest
@@ -31,6 +31,9 @@ SAMPLE_TEXTS = [
     "URGENT: your account is suspended. Reply with your PIN to unlock it.",
     "Can you pick up some milk on the way home?",
 ]
+
+COURSE_PEER = True  # the course's appendix-E LoRA code classifies SMS spam: `bench`'s peer (course.py)
+COURSE_WIDTH = 120  # the tokens the course pads every SMS to (`bench`'s naive baseline pads to it too)
 
 
 @dataclass
@@ -55,6 +58,16 @@ def tokenize(dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase,
         return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
     return dataset.map(encode, batched=True, remove_columns=["text"])
+
+
+def bench_data(train: Dataset, tokenizer: PreTrainedTokenizerBase, config: RunConfig, pad_to_longest: bool) -> tuple:
+    """`bench`'s rows: the training texts tokenized as `train` tokenizes them, the collator padding per batch; or, for
+    the naive baseline, every text cut and padded to the course's width (its code pads to the longest training
+    message as it reads the file: 120 tokens)."""
+    if not pad_to_longest:
+        return tokenize(train, tokenizer, config.max_length), DataCollatorWithPadding(tokenizer)
+    encoded = tokenize(train, tokenizer, COURSE_WIDTH)
+    return encoded, DataCollatorWithPadding(tokenizer, padding="max_length", max_length=COURSE_WIDTH)
 
 
 def longer(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[bool]:
@@ -129,7 +142,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
     run = training.start("spam", config, overwrite, resume, load_splits, _new_base)
     config, tokenizer, splits = run.config, run.tokenizer, run.splits
     names = splits["train"].features["label"].names
-    model = get_peft_model(run.base, models.lora_config(run.base, TaskType.SEQ_CLS, config))
+    model = methods.wrap(run.base, TaskType.SEQ_CLS, config)
     encoded = tokenize(splits, tokenizer, config.max_length)
     encoded["val"] = training.val_sample(encoded["val"], config)
 
@@ -144,6 +157,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
             processing_class=tokenizer,
             compute_metrics=lambda p: _scalar_metrics(p.label_ids, p.predictions, names),
         )
+        methods.keep_initial(model, config, tmp / methods.INITIAL_ADAPTER)
         training.fit(trainer, resume)
         model = training.trained_model(trainer)
         metrics = {  # every process takes part: Trainer.predict shares the rows out and gathers the logits

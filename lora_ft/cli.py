@@ -110,14 +110,14 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
-def _read_requests(args: argparse.Namespace) -> list[dict[str, str]]:
-    from . import data
+def _read_requests(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from . import chat, data
 
     if args.input and not args.instruction:
         raise UserError("--input goes with --instruction")
     requests = [{"instruction": args.instruction, "input": args.input}] if args.instruction else []
     if args.file:
-        requests += data.read_requests(*data.read_input(args.file, stdin_name="<stdin>.jsonl"))
+        requests += chat.read_requests(*data.read_input(args.file, stdin_name="<stdin>.jsonl"))
     if not requests:
         raise UserError("nothing to answer: give --instruction TEXT, --file F, or --file - for standard input")
     return requests
@@ -148,13 +148,14 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
-    from . import data, instruct
+    from . import chat, instruct
 
     sampling = _sampling(args)
     loaded = instruct.load(args.adapter, force=args.force)
     set_seed(args.seed)
     limit = sampling.pop("max_new_tokens") or (loaded.manifest.generation or {})["max_new_tokens"]
     interactive = sys.stdin.isatty()
+    history: list[dict[str, str]] = []  # a chat-trained adapter sees the conversation; others, the last line
     while True:
         try:
             line = input("instruction> " if interactive else "")
@@ -162,7 +163,10 @@ def run_chat(args: argparse.Namespace) -> int:
             break
         if not line.strip():
             break
-        (answer,) = instruct.generate(loaded.model, loaded.tokenizer, [data.format_prompt(line)], limit, **sampling)
+        history.append({"role": "user", "content": line})
+        prompt = chat.render_prompt(loaded.manifest, loaded.tokenizer, {"messages": history})
+        (answer,) = instruct.generate(loaded.model, loaded.tokenizer, [prompt], limit, **sampling)
+        history.append({"role": "assistant", "content": answer.response})
         print(answer.response, flush=True)
     return 0
 
@@ -206,6 +210,32 @@ def run_merge(args: argparse.Namespace) -> int:
     if "gguf_adapter" in section:
         print(f"GGUF LoRA: {result.output / section['gguf_adapter']['file']} (llama.cpp: --lora, on the base as GGUF)")
     return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from . import compare
+
+    shared = {f.name: getattr(args, f.name) for f in settings() if hasattr(args, f.name)}
+    if args.runs and (args.methods or args.ranks):
+        raise UserError("--runs names every run; leave out --methods and --lora-r")
+    found = compare.plan(
+        args.task, _listed(args.methods, str), _listed(args.ranks, int), args.runs, args.config, shared
+    )
+    output = Path(args.compare_output or f"adapters/compare-{args.task}")
+    results = compare.compare(args.task, found, output, args.debug)
+    print(compare.table(results))
+    print(f"results: {output / compare.RESULTS}.md, .json and .png (the plot)")
+    return 0
+
+
+def _listed(value: str | None, kind: type) -> list[Any] | None:
+    """A comma-separated flag's values, or None when it was not given."""
+    if value is None:
+        return None
+    try:
+        return [kind(item.strip()) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise UserError(f"{value!r}: expected a comma-separated list of {kind.__name__} values") from None
 
 
 def run_adapters(args: argparse.Namespace) -> int:
@@ -273,7 +303,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(report.inference_summary(figures))
     else:
         quiet = None if args.debug else progress.quiet_libraries  # each setup runs in a fresh process, set up by this
-        figures = bench.run(args.quick, args.tokenizer, args.data, args.seed, quiet)
+        figures = bench.run(args.quick, args.tokenizer, args.data, args.seed, quiet, task=args.task)
         print(report.bench_table(figures))
         if args.quick:
             print("* seconds per epoch extrapolated from the timed steps (fit of seconds against tokens per step)")
@@ -294,6 +324,7 @@ COMMANDS = {
     "adapters": run_adapters,
     "inspect": run_inspect,
     "serve": run_serve,
+    "compare": run_compare,
     "bench": run_bench,
 }
 # Commands that only read JSON: they skip importing the ML libraries (seconds of startup).

@@ -31,6 +31,8 @@ FALLBACK_RECIPES: dict[str, dict[str, Any]] = {
     "instruct": {"model": FALLBACK_MODEL, "epochs": 1.0, "test_limit": 20},
 }
 QUANTIZE = ("4bit", "8bit")
+METHODS = ("lora", "dora", "ia3", "vera", "full")  # what each is and can do: methods.METHODS
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 
 
 def setting(
@@ -79,9 +81,26 @@ class RunConfig:
     lr: float = setting(5e-4, "learning rate", check=POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay", check=(lambda v: v >= 0, "must be >= 0"))
     warmup_ratio: float = setting(0.0, "share of steps spent warming up the learning rate", check=FRACTION)
-    lora_r: int = setting(16, "LoRA rank", check=POSITIVE)
+    method: str = setting(
+        "lora",
+        "what to train: lora, dora (weight-decomposed LoRA), ia3 (learned scaling vectors), vera (shared random "
+        "matrices, learned scaling), or full (every weight: fine-tuning for reference, saved as a whole model)",
+        choices=METHODS,
+    )
+    lora_r: int = setting(16, "LoRA rank (lora, dora, vera)", check=POSITIVE)
     lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", check=POSITIVE)
-    lora_dropout: float = setting(0.0, "dropout on the LoRA input", check=FRACTION, per_task={"instruct": 0.05})
+    lora_dropout: float = setting(
+        0.0, "dropout on the LoRA input (lora, dora, vera)", check=FRACTION, per_task={"instruct": 0.05}
+    )
+    use_rslora: bool = setting(
+        False, "rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r (lora, dora)"
+    )
+    init_lora_weights: str = setting(
+        "default",
+        "how LoRA's matrices start (lora, dora): default (B = 0), gaussian, pissa or olora (from the weights' "
+        "singular vectors; the saved adapter is converted to plain LoRA of rank 2r), loftq (CUDA only)",
+        choices=LORA_INITS,
+    )
     model_dropout: float | None = setting(
         0.0, "the base model's own dropout (GPT-2 ships 0.1; null: as the model ships)", check=FRACTION
     )

@@ -90,7 +90,7 @@ def read_input(spec: str, stdin_name: str = "<stdin>") -> tuple[Path, str]:
 # --- labelled text (classification) -------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         data = read_bytes(path, MAX_INPUT_BYTES, "data file")
     except OSError as e:
@@ -136,7 +136,7 @@ def _label_text_lines(path: Path, text: str) -> list[tuple[str, str]]:
     return rows
 
 
-def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
+def json_records(path: Path, text: str) -> list[tuple[int, dict]]:
     """(line number, object) for a `.json` list of objects or a `.jsonl` file of one object per line."""
     if path.suffix.lower() == ".json":
         try:
@@ -165,7 +165,7 @@ def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
 def _table_rows(path: Path, text: str) -> list[tuple[str, str]]:
     """Rows of a CSV/TSV with a header naming `text` and `label` columns, or of a JSON list / JSONL file."""
     if path.suffix.lower() in (".jsonl", ".json"):
-        records = _json_records(path, text)
+        records = json_records(path, text)
     else:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
@@ -194,7 +194,7 @@ def read_labeled(path: Path) -> list[tuple[str, str]]:
     """(label, text) pairs. `.csv`, `.jsonl` and `.tsv` with a text/label header are tables; any other file
     (the SMS Spam Collection has no extension) is `label<TAB>text` lines. Labels are stripped of surrounding
     whitespace, and labels that differ only in case are refused."""
-    text = _read_text(path)
+    text = read_text(path)
     first_line = lines(text)[0].lower().split("\t")
     is_table = path.suffix.lower() in (".csv", ".jsonl", ".json") or (
         path.suffix.lower() == ".tsv" and {"text", "label"} <= {c.strip() for c in first_line}
@@ -322,18 +322,26 @@ def _instruction_row(path: Path, where: str, record: dict, with_output: bool) ->
 
 
 def _instruction_records(path: Path, text: str, with_output: bool) -> list[dict[str, str]]:
-    records = _json_records(path, text)
+    return instruction_rows(path, json_records(path, text), with_output)
+
+
+def record_word(path: Path) -> str:
+    """What errors call a record of `path`: an item of a .json list, a line of a .jsonl file."""
+    return "item" if path.suffix.lower() == ".json" else "line"
+
+
+def instruction_rows(path: Path, records: list[tuple[int, dict]], with_output: bool) -> list[dict[str, str]]:
+    """Rows of {instruction, input, prompt[, output]} from `json_records`' numbered objects."""
     if not records:
         raise UserError(f"{path}: holds no examples")
-    where = "item" if path.suffix.lower() == ".json" else "line"
-    return [_instruction_row(path, f"{where} {number}", record, with_output) for number, record in records]
+    return [_instruction_row(path, f"{record_word(path)} {number}", record, with_output) for number, record in records]
 
 
 def read_instructions(path: Path) -> list[dict[str, str]]:
     """Rows of {instruction, input, output, prompt} from a .json list or .jsonl file of objects with
     `instruction`, optional `input` and `output` (prompt = the Alpaca template), or with `prompt` and
     `completion` (prompt used as it is; instruction and input left empty)."""
-    return _instruction_records(path, _read_text(path), with_output=True)
+    return _instruction_records(path, read_text(path), with_output=True)
 
 
 def as_given(row: dict[str, str]) -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""Instruction tuning (Alpaca-style instruction/input/output): LoRA on a causal LM through TRL's SFTTrainer,
-greedy generation, and text metrics (response loss and perplexity, ROUGE-L, share of answers ending at EOS)."""
+"""Instruction tuning (Alpaca-style instruction/input/output, or conversations: see chat.py): LoRA on a causal LM
+through TRL's SFTTrainer, greedy generation, and text metrics (response loss and perplexity, ROUGE-L, share of
+answers ending at EOS)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict
 from peft import PeftModel, TaskType
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from . import adapters, data, models, progress, report, runs, training
+from . import adapters, chat, data, methods, models, progress, report, runs, training
 from .config import RunConfig
 from .errors import UserError
 from .manifest import Manifest
 
 RESPONSES = "test_responses.json"
+# The course's instruction fine-tuning (chapter 7) trains every weight, with no LoRA code to compare with: `bench
+# --task instruct` has no course peer.
+COURSE_PEER = False
 # Inputs for merge's check when the adapter's own data file is gone (see `check_texts`).
 SAMPLE_TEXTS = [
     data.format_prompt("Name three primary colors.") + "Red, yellow and blue.",
@@ -42,15 +46,28 @@ class Generation:
 def load_splits(
     config: RunConfig, fractions: tuple[float, float, float] = data.INSTRUCTION_FRACTIONS
 ) -> tuple[Path, DatasetDict]:
-    """The data file, and its train/val/test split fixed by `config.seed`."""
+    """The data file, and its train/val/test split fixed by `config.seed` (instructions or conversations alike)."""
     path = data.resolve_data_file(data.INSTRUCTION_DATA, config.data)
-    return path, data.instruction_splits(data.read_instructions(path), config.seed, fractions, path)
+    return path, data.instruction_splits(chat.read_examples(path), config.seed, fractions, path)
 
 
 def prompt_completion(split: Dataset, eos_token: str) -> Dataset:
     """TRL's prompt-completion format. The completion ends with EOS so that the model learns to stop; TRL keeps
     it as a target (labels are built before padding, and padding is labelled -100, so pad = EOS is harmless)."""
     return Dataset.from_dict({"prompt": split["prompt"], "completion": [o + eos_token for o in split["output"]]})
+
+
+def examples(split: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """What SFTTrainer and `response_loss` take: prompt-completion pairs of instructions, or conversations already
+    tokenized with labels on their assistant turns only (`chat.encoded`)."""
+    return chat.encoded(split, tokenizer) if chat.is_chat(split) else prompt_completion(split, tokenizer.eos_token)
+
+
+def _encoded(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a row of `examples`: a conversation's as `chat.encoded` made them."""
+    if "input_ids" in row:
+        return row["input_ids"], row["labels"]
+    return encode(tokenizer, row["prompt"], row["completion"])
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[int]]:
@@ -65,10 +82,22 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> 
 def _within_length(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[Dataset, int]:
     """Examples whose prompt + completion fit in `max_length` tokens, and how many did not. Truncating them
     instead would cut off the final EOS and teach the model not to stop."""
-    keep = [
-        i for i, row in enumerate(split) if len(encode(tokenizer, row["prompt"], row["completion"])[0]) <= max_length
-    ]
+    keep = [i for i, row in enumerate(split) if len(_encoded(tokenizer, row)[0]) <= max_length]
     return split.select(keep), len(split) - len(keep)
+
+
+def bench_data(
+    train: Dataset, tokenizer: PreTrainedTokenizerBase, config: RunConfig, pad_to_longest: bool
+) -> tuple[Dataset, DataCollatorForSeq2Seq]:
+    """`bench`'s rows: the training examples that fit in `max_length`, tokenized with the prompt masked as SFTTrainer
+    masks it (`encode`); the collator pads inputs with the pad token and labels with -100, per batch or every row to
+    the longest training example."""
+    kept, _ = _within_length(examples(train, tokenizer), tokenizer, config.max_length)
+    rows = [_encoded(tokenizer, row) for row in kept]
+    dataset = Dataset.from_dict({"input_ids": [ids for ids, _ in rows], "labels": [labels for _, labels in rows]})
+    longest = max(len(ids) for ids, _ in rows) if pad_to_longest else None
+    padding = "max_length" if pad_to_longest else True
+    return dataset, DataCollatorForSeq2Seq(tokenizer, padding=padding, max_length=longest, label_pad_token_id=-100)
 
 
 class InstructTrainer(training.Resumable, SFTTrainer):
@@ -96,7 +125,7 @@ def build_trainer(
         completion_only_loss=True,
         packing=False,
     )
-    lora = models.lora_config(base, TaskType.CAUSAL_LM, config)
+    lora = methods.peft_config(base, TaskType.CAUSAL_LM, config)  # None: full fine-tuning
     return InstructTrainer(
         model=base, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer, peft_config=lora
     )
@@ -111,7 +140,7 @@ def response_loss(
 ) -> dict[str, float]:
     """Mean cross-entropy per completion token (EOS included) and its perplexity: every token weighs the same,
     unlike Trainer's mean of batch means."""
-    encoded = [encode(tokenizer, row["prompt"], row["completion"]) for row in pairs]
+    encoded = [_encoded(tokenizer, row) for row in pairs]
     encoded.sort(key=lambda pair: len(pair[0]))  # less padding
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
@@ -224,7 +253,7 @@ def score_responses(
 ) -> tuple[dict[str, Any], list[Generation]]:
     """Loss/perplexity on the reference responses, and ROUGE-L and EOS share of greedy generations (`who` names the
     model in progress bars)."""
-    pairs = prompt_completion(test, tokenizer.eos_token)
+    pairs = examples(test, tokenizer)
     generations = generate(
         model, tokenizer, test["prompt"], config.max_new_tokens, config.eval_batch_size, desc=f"answering test ({who})"
     )
@@ -239,9 +268,10 @@ def score_responses(
 
 
 def response_records(test: Dataset, generations: list[Generation]) -> list[dict[str, Any]]:
-    """test_responses.json: the example as given (instruction/input, or the raw prompt) with the model's answer."""
+    """test_responses.json: the example as given (instruction/input, the raw prompt, or the conversation before its
+    last answer) with the reference answer and the model's."""
     return [
-        {**data.as_given(row), "output": row["output"], "model_response": g.response}
+        {**chat.as_given(row), "output": row["output"], "model_response": g.response}
         for row, g in zip(test, generations, strict=True)
     ]
 
@@ -249,9 +279,10 @@ def response_records(test: Dataset, generations: list[Generation]) -> list[dict[
 def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> training.TrainResult:
     """Instruction-tune with LoRA and write the adapter folder; returns the folder, manifest and trained model."""
     run = training.start("instruct", config, overwrite, resume, load_splits, _new_base)
-    config, tokenizer, splits = run.config, run.tokenizer, run.splits
+    config, tokenizer = run.config, run.tokenizer
+    splits, template = chat.prepare(run.splits, tokenizer)  # conversations: the tokenizer gets its chat template
     test = splits["test"].select(range(min(config.test_limit or len(splits["test"]), len(splits["test"]))))
-    pairs = {split: prompt_completion(splits[split], tokenizer.eos_token) for split in ("train", "val")}
+    pairs = {split: examples(splits[split], tokenizer) for split in ("train", "val")}
     (train_pairs, dropped_train), (val_pairs, dropped_val) = (
         _within_length(pairs[split], tokenizer, config.max_length) for split in ("train", "val")
     )
@@ -262,7 +293,11 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
 
     with training.run_folder(run, overwrite, resume) as tmp:
         checkpoints = tmp / runs.CHECKPOINTS
+        untuned = None
+        if not methods.adapter_off_is_base(config):  # training (or PiSSA's start) changes the base: score it now
+            untuned = score_responses(run.base, tokenizer, test, config, "untuned base")[0]
         trainer = build_trainer(config, run.base, tokenizer, train_pairs, val_pairs, checkpoints, run.precision)
+        methods.keep_initial(trainer.model, config, tmp / methods.INITIAL_ADAPTER)
         training.fit(trainer, resume)
         model: PeftModel = training.trained_model(trainer)
         # Every process scores the same examples with the same weights: the main one alone would not finish sooner,
@@ -270,14 +305,16 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
         val = response_loss(model, tokenizer, val_pairs, config.eval_batch_size, "val loss")
         metrics: dict[str, Any] = {"val": val}
         metrics["test"], generations = score_responses(model, tokenizer, test, config)
-        with model.disable_adapter():
-            metrics["test_base"], _ = score_responses(model, tokenizer, test, config, "untuned base")
+        if untuned is None:
+            with model.disable_adapter():
+                untuned = score_responses(model, tokenizer, test, config, "untuned base")[0]
+        metrics["test_base"] = untuned
         described = {
             "fractions": list(data.INSTRUCTION_FRACTIONS),
             "dropped_longer_than_max_length": {"train": dropped_train, "val": dropped_val},
             "val_evaluated": len(val_pairs),
             "test_examples_generated": len(test),
-            "prompt_template": "alpaca" if any(splits["train"]["instruction"]) else "prompt as given",
+            **chat.described(splits["train"], template),
         }
         generation = {
             "greedy": True,
@@ -334,7 +371,7 @@ def check_sampling(max_new_tokens: int | None, temperature: float, top_p: float)
 
 def respond(
     adapter: str | Path,
-    requests: list[dict[str, str]],
+    requests: list[dict[str, Any]],
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -342,15 +379,14 @@ def respond(
     seed: int = 0,
     force: bool = False,
 ) -> list[Generation]:
-    """Answers from a trained adapter. Each request has `instruction` (and optional `input`), put in the
-    training template, or a ready `prompt`. Defaults (length, batch size) come from the adapter's manifest, so
-    that greedy answers to its test examples reproduce test_responses.json."""
+    """Answers from a trained adapter. Each request has `instruction` (and optional `input`) or `messages`, put in
+    the template the adapter was trained with (`chat.render_prompt`), or a ready `prompt`. Defaults (length, batch
+    size) come from the adapter's manifest, so that greedy answers to its test examples reproduce
+    test_responses.json."""
     loaded = load(adapter, force=force)
     generation = loaded.manifest.generation or {}
     set_seed(seed)  # sampling only; greedy answers do not depend on it
-    prompts = [
-        r["prompt"] if "prompt" in r else data.format_prompt(r["instruction"], r.get("input", "")) for r in requests
-    ]
+    prompts = [chat.render_prompt(loaded.manifest, loaded.tokenizer, r) for r in requests]
     return generate(
         loaded.model,
         loaded.tokenizer,
@@ -364,9 +400,14 @@ def respond(
 
 def check_texts(manifest: Manifest, count: int) -> list[str]:
     """Prompt + reference response of the first `count` examples of the adapter's test split, rebuilt from its
-    manifest."""
+    manifest; conversations whole, in the chat template it records (on the base's tokenizer, as in training)."""
     test = load_splits(manifest.run_config, manifest.fractions)[1]["test"]
-    return [row["prompt"] + row["output"] for row in test.select(range(min(count, len(test))))]
+    test = test.select(range(min(count, len(test))))
+    if not chat.is_chat(test):
+        return [row["prompt"] + row["output"] for row in test]
+    tokenizer = models.load_tokenizer(models.source_from_manifest(manifest.base))
+    tokenizer.chat_template = manifest.data["chat_template"]["template"]
+    return [chat.render(tokenizer, messages) for messages in test["messages"]]
 
 
 def summary(manifest: Manifest, folder: Path) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
-from . import adapters, files, gguf_export, interop, models, tasks
+from . import adapters, files, gguf_export, interop, methods, models, tasks
 from .errors import UserError
 from .manifest import FILENAME, Manifest
 
@@ -77,6 +77,14 @@ def merge(
     manifest = adapters.read_manifest(adapter)
     task = tasks.get(manifest.task, str(adapter / FILENAME))
     load = task.code().load
+    method = methods.of(manifest.config)
+    if not method.adapter:
+        raise UserError(
+            f"{adapter}: a fully fine-tuned model (method full) is already whole, with no adapter to merge: "
+            f"load it with transformers' {task.model_class}.from_pretrained"
+        )
+    if gguf_adapter and not method.gguf_adapter:
+        raise UserError(f"`gguf_adapter`: llama.cpp's GGUF adapters hold plain LoRA pairs, not {method.name}")
     if dtype not in DTYPES:
         raise UserError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if gguf is not None and gguf not in gguf_export.QTYPES:

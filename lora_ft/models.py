@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, TaskType
 from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
@@ -354,8 +353,9 @@ def lora_targets(model: torch.nn.Module) -> tuple[list[str], bool]:
     return sorted(names), conv1d
 
 
-def lora_config(model: torch.nn.Module, task_type: TaskType, config: RunConfig) -> LoraConfig:
-    """LoRA as the run asks, on the architecture's projections unless `config.target_modules` names others."""
+def chosen_targets(model: torch.nn.Module, config: RunConfig) -> tuple[list[str], bool]:
+    """The layers to adapt: `config.target_modules`, checked to be in the model, else the architecture's
+    projections (`lora_targets`); and whether they are Conv1D layers."""
     found, conv1d = lora_targets(model)
     targets = config.target_modules
     if targets:
@@ -363,14 +363,7 @@ def lora_config(model: torch.nn.Module, task_type: TaskType, config: RunConfig) 
         unknown = [t for t in targets if t not in present]
         if unknown:
             raise UserError(f"`target_modules`: {unknown} not in {type(model).__name__} (it has {found})")
-    return LoraConfig(
-        task_type=task_type,
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=targets or found,
-        fan_in_fan_out=conv1d,
-    )
+    return targets or found, conv1d
 
 
 def weights_sha256(folder: Path, gguf_file: str | None = None) -> str:

@@ -19,12 +19,15 @@ def _add_force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="use a base that differs from the adapter's")
 
 
-def _add_train_flags(parser: argparse.ArgumentParser, task: str) -> None:
-    """A flag for every setting `task` reads (config.RunConfig's fields, with their help and the task's defaults);
-    left out, a flag is None and the recipe's value stands."""
+def _add_train_flags(
+    parser: argparse.ArgumentParser, task: str | None, exclude: tuple[str, ...] = (), one_run: bool = True
+) -> None:
+    """A flag for every setting `task` reads (every task's, for None; config.RunConfig's fields, with their help and
+    the task's defaults) but those in `exclude`; left out, a flag is None and the recipe's value stands. `one_run`:
+    also --overwrite and --resume."""
     parser.add_argument("--config", help="recipe YAML; flags given here override it")
     defaults, hints = task_defaults(task), typing.get_type_hints(RunConfig)
-    for field in settings(task):
+    for field in (f for f in settings(task) if f.name not in exclude):
         flag, meta, default = "--" + field.name.replace("_", "-"), field.metadata, defaults[field.name]
         shown = "" if default is None or "default:" in meta["help"] else f" (default: {default})"
         options: dict[str, Any] = {"help": meta["help"] + shown, "default": None}
@@ -38,6 +41,8 @@ def _add_train_flags(parser: argparse.ArgumentParser, task: str) -> None:
         else:
             options["type"] = kind
         parser.add_argument(flag, **options)
+    if not one_run:
+        return
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     parser.add_argument(
         "--resume",
@@ -93,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--instruction", help="the instruction")
     generate.add_argument("--input", default="", help="its input (optional)")
     generate.add_argument(
-        "--file", help="JSONL of {instruction, input} or {prompt} objects, or a .json list ('-' for standard input)"
+        "--file",
+        help="JSONL of {instruction, input}, {prompt} or {messages} objects, or a .json list ('-' for standard input)",
     )
     generate.add_argument("--json", action="store_true", help="one object per line, with a 'response' key")
 
@@ -143,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter", help="adapter or merged-export folder")
     inspect.add_argument("--json", action="store_true", help="the manifest as it is stored")
 
+    compare = commands.add_parser(
+        "compare", help="train several methods or ranks on the same data and seed; a table and a Pareto plot"
+    )
+    compare.add_argument("task", choices=tasks.NAMES, help="the task to train")
+    compare.add_argument("--methods", help="comma-separated: lora,dora,ia3,vera,full (default: lora)")
+    compare.add_argument(
+        "--lora-r", dest="ranks", help="comma-separated ranks for the methods that have one (default: the recipe's)"
+    )
+    compare.add_argument("--runs", help="a YAML list of recipe mappings (each with an optional name), instead")
+    compare.add_argument(
+        "--output", dest="compare_output", help="folder of the runs and results (default: adapters/compare-TASK)"
+    )
+    _add_train_flags(compare, None, exclude=("method", "lora_r", "output"), one_run=False)
+
     _add_serve(commands.add_parser("serve", help="serve adapters over an OpenAI-compatible HTTP API and a web page"))
 
     bench = commands.add_parser("bench", help="measure training speed and memory: lora_ft vs naive vs full FT")
@@ -151,9 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--serve", nargs="+", metavar="ADAPTER", help="measure `serve` on these adapters: batched vs one at a time"
     )
+    bench.add_argument(
+        "--task", choices=tasks.NAMES, default="spam", help="the task whose training is measured (default: spam)"
+    )
     bench.add_argument("--json", help="also write the figures to this JSON file")
     bench.add_argument("--tokenizer", help="GPT-2 tokenizer: Hub id or folder (default: the copy shipped with lora_ft)")
-    bench.add_argument("--data", help="SMS spam file (default: $LORA_FT_DATA_DIR, then the copy shipped with lora_ft)")
+    bench.add_argument(
+        "--data", help="the task's data file (default: $LORA_FT_DATA_DIR, then the copy shipped with lora_ft)"
+    )
     bench.add_argument("--seed", type=int, default=123, help="seed for the split, the weights and the order")
 
     for sub in commands.choices.values():

@@ -44,3 +44,26 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_pareto(results: dict[str, Any], path: Path) -> None:
+    """`compare`'s plot: each run's key metric against its trainable parameters (log scale), the Pareto front (the
+    runs no other beats on both) joined and labelled."""
+    plt = _pyplot()
+    key, front = results["key_metric"], results["pareto"]
+    rows = [r for r in results["runs"] if r.get(key) is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        on = r["name"] in front
+        ax.scatter(r["trainable_parameters"], r[key], s=60 if on else 30, c="C3" if on else "C0", zorder=3)
+        ax.annotate(r["name"], (r["trainable_parameters"], r[key]), textcoords="offset points", xytext=(5, 4))
+    line = sorted((r for r in rows if r["name"] in front), key=lambda r: r["trainable_parameters"])
+    if line:
+        ax.plot([r["trainable_parameters"] for r in line], [r[key] for r in line], "--o", c="C3", label="Pareto front")
+        ax.legend(loc="lower right")
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters (log scale)", ylabel=key.replace("_", " "), title=f"{results['task']}: {key}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -101,7 +101,7 @@ def bench_summary(report: dict[str, Any]) -> str:
     memory, time = report["checkpointing_memory_ratio"], report["checkpointing_time_ratio"]
     lines = [
         f"matmul peak here: {', '.join(f'{name} {value:.0f} GFLOP/s' for name, value in peaks.items())}",
-        f"speedup vs naive: {report['speedup_vs_naive']:.2f}x; vs the course's code: "
+        f"{report.get('task', 'spam')}: speedup vs naive: {report['speedup_vs_naive']:.2f}x; vs the course's code: "
         + (f"{course:.2f}x" if course is not None else f"not measured ({report['course_missing']})"),
         f"lora_ft's model-FLOP utilisation: {report['mfu']:.0%} of the {precision} peak",
         f"peak RSS LoRA / full fine-tuning: {report['peak_rss_ratio_lora_vs_full']:.2f}; with activation "
@@ -129,12 +129,12 @@ def inference_summary(report: dict[str, Any]) -> str:
 
 def listing(found: list[Listed]) -> list[str]:
     """`adapters`: a table of the folders found, then a line for each unreadable or interrupted one."""
-    rows = [("path", "kind", "task", "base", "created (UTC)", "test metric", "size")]  # interrupted: when started
+    rows = [("path", "kind", "task", "method", "base", "created (UTC)", "test metric", "size")]  # interrupted: started
     for listed in found:
         metric = f"{listed.metric} {listed.value:.4f}" if listed.value is not None else "-"
         created = (listed.created or "-").replace("T", " ")[:16]
-        base, task = listed.base or "?", listed.task or "?"
-        rows.append((listed.path, listed.kind, task, base, created, metric, size(listed.size_bytes)))
+        base, task, method = listed.base or "?", listed.task or "?", listed.method or "-"
+        rows.append((listed.path, listed.kind, task, method, base, created, metric, size(listed.size_bytes)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     for listed in found:
@@ -152,8 +152,9 @@ def listing(found: list[Listed]) -> list[str]:
 def inspection(listed: Listed, manifest: dict[str, Any]) -> list[str]:
     """`inspect`: what the folder is, its key metric, its manifest readably, its files with their sizes."""
     folder = Path(listed.path)
-    kind = "merged export" if listed.kind == "merged" else "adapter"
-    lines = [f"{folder}: {manifest.get('task')} {kind}, {size(listed.size_bytes)}"]
+    kind = {"merged": "merged export", "full model": "fully fine-tuned model"}.get(listed.kind, "adapter")
+    method = f" ({listed.method})" if listed.method and listed.kind == "adapter" else ""
+    lines = [f"{folder}: {manifest.get('task')} {kind}{method}, {size(listed.size_bytes)}"]
     if listed.value is not None:
         lines.append(f"test {listed.metric}: {listed.value:.4f}")
     lines += [*readable(manifest), "files:"]

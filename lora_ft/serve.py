@@ -24,7 +24,7 @@ import psutil
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 
-from . import adapters, classify, data, instruct, models, tasks
+from . import adapters, chat, classify, instruct, methods, models, tasks
 from .config import ServeLimits as Limits
 from .errors import UserError
 from .manifest import Manifest
@@ -175,7 +175,8 @@ class Base:
 
     def _run(self, batch: list[Job]) -> None:
         adapter = batch[0].adapter
-        self.model.set_adapter(adapter.peft_name)
+        if adapter.peft_name in getattr(self.model, "peft_config", {}):  # not a fully fine-tuned model
+            self.model.set_adapter(adapter.peft_name)
         self.stats.batch(sum(len(job.inputs) for job in batch))
         RUNS[adapter.task.serves](self.model, adapter, batch)
 
@@ -334,15 +335,16 @@ class Registry:
     def generate(
         self, name: str, request: dict[str, Any], max_tokens: int | None, sampling: dict[str, Any], notify: Notify
     ) -> Job:
-        """Queue an answer. `request`: `instruction` (and `input`) put in the training template as `generate` does,
-        or with `raw` the instruction as the whole prompt; `stream`. `sampling`: temperature, top_p, seed."""
+        """Queue an answer. `request`: `instruction` (and `input`), and for chat the whole conversation (`messages`),
+        put in the template the adapter was trained with as `generate` does (`chat.render_prompt`), or with `raw` the
+        instruction as the whole prompt; `stream`. `sampling`: temperature, top_p, seed."""
         adapter = self.get(name, "generate")
         self._check_text(request["instruction"], "the prompt")
         self._check_text(request.get("input") or "", "the input", empty=True)
-        if request.get("raw"):
-            prompt = request["instruction"]
-        else:
-            prompt = data.format_prompt(request["instruction"], request.get("input") or "")
+        for number, message in enumerate(request.get("messages") or [], start=1):
+            self._check_text(message["content"], f"message {number}", empty=True)
+        given = {"prompt": request["instruction"]} if request.get("raw") else request
+        prompt = chat.render_prompt(adapter.manifest, adapter.checker, given)  # the checker: this is not the worker
         instruct.check_sampling(max_tokens, sampling["temperature"], sampling["top_p"])
         default = min((adapter.manifest.generation or {}).get("max_new_tokens", 256), self.limits.max_tokens)
         if (max_tokens or 0) > self.limits.max_tokens:
@@ -399,6 +401,9 @@ def load(paths: list[str], limits: Limits | None = None) -> Registry:
         source = models.source_from_manifest(manifest.base)
         key = (task.model_class, source.kind, source.location, source.gguf_file, manifest.as_trained)
         key += (len(manifest.label_names),)  # a classifier's base has a head of that many labels
+        # one PEFT model holds adapters of one kind; a fully fine-tuned model is a base of its own, shared by none
+        method = methods.of(manifest.config)
+        key += (method.name, None if method.adapter else path)
         base = bases.get(key)
         peft_name = f"served_{number}"  # PEFT names become module names: no dots, unlike some folder names
         started = time.perf_counter()

@@ -85,11 +85,16 @@ class ChatRequest(_Sampling):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)  # the newer name of max_tokens
 
     def instruction(self) -> str:
-        """The last user message: the adapters were trained on single instructions, not conversations."""
+        """The last user message: what an adapter trained on single instructions answers."""
         users = [m.text() for m in self.messages if m.role == "user"]
         if not users:
             raise ApiError(400, "messages: no user message to answer", code="no_user_message")
         return users[-1]
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as role and text, what an adapter trained on conversations answers (`developer` is OpenAI's
+        newer name for `system`)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
 class ClassifyRequest(BaseModel):
@@ -281,7 +286,7 @@ def _routes(registry: serve.Registry) -> APIRouter:
     @router.post("/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> dict[str, Any] | StreamingResponse:
         body.max_tokens = body.max_completion_tokens or body.max_tokens
-        job, relay = _generate(registry, body, {"instruction": body.instruction()})
+        job, relay = _generate(registry, body, {"instruction": body.instruction(), "messages": body.conversation()})
         ident, created = _ids("chatcmpl")
 
         def chunk(text: str | None, finish: str | None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ class TaskModule(Protocol):
     """What a task's module provides."""
 
     SAMPLE_TEXTS: list[str]  # inputs for the merge check when the adapter's own data file is gone
+    COURSE_PEER: bool  # `bench` runs the course's own LoRA code on this task as a peer (course.py)
 
     def train(self, config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> TrainResult: ...
 
@@ -41,6 +42,10 @@ class TaskModule(Protocol):
     def summary(self, manifest: dict[str, Any]) -> list[str]:
         """The lines that report a finished run to a person."""
 
+    def bench_data(self, train: Any, tokenizer: Any, config: RunConfig, pad_to_longest: bool) -> tuple[Any, Any]:
+        """`bench`'s training rows (tokenized, with labels) and their collator: padded per batch as training pads
+        them, or every row to the longest (the naive baseline)."""
+
 
 @dataclass(frozen=True)
 class Task:
@@ -50,6 +55,7 @@ class Task:
     key_metric: str  # the test metric shown for an adapter (listing, inspect)
     model_class: str  # the transformers Auto class of its base, and of a merged export
     serves: str  # what `serve` answers with its adapters: "classify" (/v1/classify) or "generate" (completions)
+    peft_task_type: str  # PEFT's TaskType for its adapters
 
     def code(self) -> TaskModule:
         return importlib.import_module(self.module)  # type: ignore[return-value]
@@ -63,6 +69,7 @@ TASKS = {
         "accuracy",
         "AutoModelForSequenceClassification",
         "classify",
+        "SEQ_CLS",
     ),
     "instruct": Task(
         "instruct",
@@ -71,6 +78,7 @@ TASKS = {
         "rouge_l",
         "AutoModelForCausalLM",
         "generate",
+        "CAUSAL_LM",
     ),
 }
 NAMES = tuple(TASKS)

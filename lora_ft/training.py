@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.utils import SAFE_WEIGHTS_NAME
 
-from . import adapters, models, plots, runs
+from . import adapters, methods, models, plots, runs
 from .callbacks import SeededLengthGroupedSampler, ShowProgress, StopOnSignal, Tally, batch_tokens, find_callback
 from .config import RunConfig, with_model
 from .data import SPLITS
@@ -70,6 +72,7 @@ def start(
     tokenizer, splits, config, precision)`), the base described and the run record made. The first process goes
     first, so that what must be downloaded is downloaded once and the others read the cache."""
     check_sharding()
+    methods.check(config)
     config = with_model(config)
     source = models.resolve_model(config.model)
     precision = resolve_precision(config.precision)
@@ -164,7 +167,7 @@ def manifest(
         created=now_iso(),
         config=run.config.to_dict(),
         base=run.base_info,
-        lora=lora_section(model),
+        lora=methods.section(model, run.config),
         data=data | {"split_sizes": splits},
         metrics=metrics,
         training=training_section(trainer, run.precision),
@@ -178,7 +181,8 @@ def save(run: Start, folder: Path, model: PeftModel, manifest: Manifest, trainer
     Every process calls it: sharded weights are gathered first, which takes all of them."""
     state = gathered_state(trainer.model_wrapped, trainer.accelerator)
     if run.processes.is_main_process:
-        adapters.save_adapter(model, run.tokenizer, folder, state)
+        adapters.save_adapter(model, run.tokenizer, folder, state, **methods.save_kwargs(folder))
+        methods.finish_conversion(model, folder)
         adapters.write_manifest(folder, manifest)
         plots.plot_loss(trainer.state.log_history, folder / "loss.png")
 
@@ -380,20 +384,23 @@ def _restore(trainer: Trainer, state: TrainerState, checkpoint: Path) -> None:
     for name, value in trainer.state.stateful_callbacks.get("Tally", {}).get("args", {}).items():
         setattr(tally, name, value)
     tally.resumed_at.append(trainer.state.global_step)
-    weights = Path(trainer.state.best_model_checkpoint or checkpoint) / SAFETENSORS_WEIGHTS_NAME
-    set_peft_model_state_dict(trainer.model, load_file(weights))
+    best = Path(trainer.state.best_model_checkpoint or checkpoint)
+    if isinstance(trainer.model, PeftModel):
+        set_peft_model_state_dict(trainer.model, load_file(best / SAFETENSORS_WEIGHTS_NAME))
+    else:  # full fine-tuning: the checkpoint holds the whole model, but for weights tied to others (GPT-2's lm_head)
+        missing, unexpected = trainer.model.load_state_dict(load_file(best / SAFE_WEIGHTS_NAME), strict=False)
+        tied = {name for name in missing if name.endswith("lm_head.weight")}
+        if unexpected or set(missing) - tied:
+            raise UserError(f"{best}: not a checkpoint of this model ({(unexpected or missing)[0]} differs)")
 
 
-def lora_section(model: PeftModel) -> dict[str, Any]:
-    lora = model.peft_config["default"]
-    trainable, total = model.get_nb_trainable_parameters()
-    return {
-        "target_modules": sorted(lora.target_modules),
-        "fan_in_fan_out": lora.fan_in_fan_out,
-        "modules_to_save": sorted(model.modules_to_save or []),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-    }
+def peak_memory() -> dict[str, int | None]:
+    """This process's peak resident memory (of a resumed run: since it resumed), and the GPU's peak allocation."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # macOS: B
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {"peak_rss_bytes": peak, "peak_gpu_bytes": gpu}
 
 
 def training_section(trainer: Trainer, precision: str) -> dict[str, Any]:
@@ -414,5 +421,6 @@ def training_section(trainer: Trainer, precision: str) -> dict[str, Any]:
         "precision": precision,
         "tokens": {"real": real, "with_padding": total, "real_share": round(real / total, 4) if total else None},
         "tokens_per_second": round(real * args.world_size / seconds, 1) if seconds else None,
+        **peak_memory(),
         "log_history": state.log_history,
     }

@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_ft import adapters, data, report, runs
+from lora_ft import adapters, chat, data, report, runs
 from lora_ft.config import RECIPES_DIR, RunConfig, load_config
 from lora_ft.errors import UserError
 from lora_ft.manifest import FILENAME, Manifest
@@ -74,6 +74,20 @@ INSTRUCTION_RECORDS = [
 INSTRUCTIONS = {
     "x.json": json.dumps(INSTRUCTION_RECORDS, indent=4),
     "x.jsonl": "".join(json.dumps(r) + "\n" for r in INSTRUCTION_RECORDS),
+}
+CHAT_RECORDS = [  # OpenAI-style in one file, ShareGPT in the other
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello."}]},
+    {"messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5."}]},
+]  # fmt: skip
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+SHAREGPT_RECORDS = [
+    {"conversations": [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in r["messages"]]}
+    for r in CHAT_RECORDS
+]
+CHATS = {
+    "c.json": (json.dumps(CHAT_RECORDS, indent=2), CHAT_RECORDS),
+    "c.jsonl": ("".join(json.dumps(r) + "\n" for r in SHAREGPT_RECORDS), SHAREGPT_RECORDS),
 }
 BASE = {
     "spec": "gpt2",
@@ -282,6 +296,12 @@ def test_valid_seeds_parse(name: str) -> None:
         assert len(data.read_requests(Path(name), INSTRUCTIONS[name])) == 7
 
 
+@pytest.mark.parametrize("name", list(CHATS))
+def test_valid_chat_seeds_parse(name: str) -> None:
+    rows = chat.read_examples(_write(name, CHATS[name][0].encode()))
+    assert [row["messages"] for row in rows] == [r["messages"] for r in CHAT_RECORDS]
+
+
 @pytest.mark.parametrize("name", list(LABELED))
 @FUZZ
 @given(content=st.data())
@@ -314,6 +334,19 @@ def test_request_files(name: str, content: st.DataObject) -> None:
     requests = _outcome(lambda: data.read_requests(Path(name), text))
     if requests is not None:
         assert requests and all(set(r) in ({"instruction", "input"}, {"prompt"}) for r in requests)
+
+
+@pytest.mark.parametrize("name", list(CHATS))
+@FUZZ
+@given(content=st.data())
+def test_chat_files(name: str, content: st.DataObject) -> None:
+    valid, records = CHATS[name]
+    raw = content.draw(contents(valid, records, lines=name.endswith("l")))
+    rows = _outcome(lambda: chat.read_examples(_write(name, raw)))
+    for messages in [row["messages"] for row in rows or [] if "messages" in row]:  # else: instruction records
+        assert messages[-1]["role"] == "assistant"
+        assert all(m["role"] in chat.ROLES and isinstance(m["content"], str) and m["content"].strip() for m in messages)
+    _outcome(lambda: chat.read_requests(Path(name), raw.decode("utf-8", "replace")))
 
 
 # --- manifests, the adapters listing, run records ---------------------------------------------------------------

@@ -260,7 +260,7 @@ def test_adapters_lists_adapters_and_exports(spam_run, instruct_run, spam_export
 
     assert main("adapters", root) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["path", "kind", "task", "base", "created", "(UTC)", "test", "metric", "size"]
+    assert lines[0].split() == ["path", "kind", "task", "method", "base", "created", "(UTC)", "test", "metric", "size"]
     row = next(line for line in lines if "spam-tiny" in line)
     assert f"accuracy {spam_row['value']:.4f}" in row and "adapter" in row
     assert any(line.startswith("unreadable: ") and "broken" in line for line in lines)
@@ -274,7 +274,7 @@ def test_inspect_shows_the_manifest(spam_run, capsys):
     assert main("inspect", result.adapter_dir) == 0
     out = capsys.readouterr().out
     accuracy = result.manifest["metrics"]["test"]["accuracy"]
-    assert out.startswith(f"{result.adapter_dir}: spam adapter, ")
+    assert out.startswith(f"{result.adapter_dir}: spam adapter (lora), ")
     for line in ("  lora_r: 16", f"    accuracy: {accuracy:.4g}", "  max_steps: 60", "  transformers: ", "files:"):
         assert line in out
     assert "adapter_model.safetensors" in out and "log_history: " in out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-from lora_ft import models
+from lora_ft import methods, models
 from lora_ft.config import RunConfig
 from lora_ft.errors import UserError
 
@@ -49,10 +49,10 @@ def test_other_architectures_get_attention_and_mlp_projections():
     targets, fan_in_fan_out = models.lora_targets(model)
     assert targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert fan_in_fan_out is False
-    lora = models.lora_config(model, "SEQ_CLS", RunConfig(lora_r=4, target_modules=["q_proj", "v_proj"]))
+    lora = methods.peft_config(model, "SEQ_CLS", RunConfig(lora_r=4, target_modules=["q_proj", "v_proj"]))
     assert set(lora.target_modules) == {"q_proj", "v_proj"}
     with pytest.raises(UserError, match="not in LlamaForSequenceClassification"):
-        models.lora_config(model, "SEQ_CLS", RunConfig(target_modules=["c_attn"]))
+        methods.peft_config(model, "SEQ_CLS", RunConfig(target_modules=["c_attn"]))
 
 
 def test_tokenizer_pads_with_eos(tiny_gpt2: Path):
@@ -136,7 +136,7 @@ def test_lora_weights_start_at_zero_delta(tiny_gpt2: Path):
     ids = tokenizer(["hello there"], return_tensors="pt")
     with torch.no_grad():
         expected = base(**ids).logits
-        model = get_peft_model(base, models.lora_config(base, "SEQ_CLS", RunConfig(lora_r=4, lora_dropout=0.0))).eval()
+        model = get_peft_model(base, methods.peft_config(base, "SEQ_CLS", RunConfig(lora_r=4, lora_dropout=0.0))).eval()
         assert torch.allclose(model(**ids).logits, expected)
 
 

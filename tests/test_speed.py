@@ -2,6 +2,7 @@
 random-weight GPT-2 with the real tokenizer."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -11,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_ft import bench, bench_inference, instruct, merge, models, spam, training
+from lora_ft import bench, bench_inference, data, instruct, merge, models, spam, training
 from lora_ft import report as lora_report
 from lora_ft.config import load_config
 from lora_ft.errors import UserError
 
-from .conftest import GPT2_TOKENIZER, tree_sha256
+from .conftest import GPT2_TOKENIZER, PAIRS, tree_sha256, write_examples
 
 ROWS = [
     ("the meeting moved to 3pm", "work"),
@@ -184,7 +185,7 @@ def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
     small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
     report = bench.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=small)
     lora_ft, naive, full = (report["setups"][name] for name in ("lora_ft", "naive", "full"))
-    assert naive["padded_tokens_per_epoch"] == 1045 * bench.NAIVE_LENGTH
+    assert naive["pad_to"] == 120 and naive["padded_tokens_per_epoch"] == 1045 * 120  # the course's width
     assert lora_ft["real_token_share"] > 0.75 > naive["real_token_share"]
     assert lora_ft["steps_per_epoch"] == naive["steps_per_epoch"] == 131
     assert full["trainable_parameters"] > 100 * lora_ft["trainable_parameters"]
@@ -207,6 +208,23 @@ def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
     compiled = report["setups"]["lora_compile"]
     assert report["compile_speedup"] == lora_ft["seconds_per_epoch"] / compiled["seconds_per_epoch"]
     assert compiled["compile"] and compiled["warmup_seconds"] > 0
+
+
+def test_bench_measures_instruct_training(tmp_path: Path):
+    """`bench --task instruct`'s setups measure SFT steps: rows masked as SFTTrainer masks them, the naive path padded
+    to the longest example (in this process, two timed steps each: the structure, not the speed)."""
+    small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
+    four = write_examples(tmp_path / "four.json")
+    lora_ft, naive = [
+        bench.measure(replace(s, warmup_steps=1, timed_steps=2), str(GPT2_TOKENIZER), str(four), 123, small, "instruct")
+        for s in bench.setups(True, "instruct")[:2]
+    ]
+    assert lora_ft["task"] == "instruct" and lora_ft["steps_per_epoch"] == naive["steps_per_epoch"] == 3  # 17 rows
+    tok = bench.load_tokenizer(str(GPT2_TOKENIZER))
+    longest = max(len(instruct.encode(tok, data.format_prompt(i, x), o + tok.eos_token)[0]) for i, x, o in PAIRS)
+    assert naive["pad_to"] == longest and naive["padded_tokens_per_epoch"] == 17 * longest
+    assert lora_ft["real_tokens_per_epoch"] == naive["real_tokens_per_epoch"] < naive["padded_tokens_per_epoch"]
+    assert lora_ft["flops_per_padded_token"] > 0 and lora_ft["lora_dropout"] == 0.05  # instruct's recipe
 
 
 def _dropout_rates(model: torch.nn.Module) -> tuple[set[float], set[float]]:

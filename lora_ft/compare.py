@@ -1,0 +1,233 @@
+"""`compare`: several configurations (PEFT methods, ranks, or recipes of one's own) trained on the same data, split
+and seed, one after another, each a normal adapter folder made by the task's own command in a process of its own
+(so that each run's peak memory is its own); then one table (Markdown and JSON) and a plot of the key metric against
+trainable parameters with the Pareto front marked. Run again, it reuses the finished runs and continues an
+interrupted one from its checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import files, methods, plots, runs, tasks
+from .config import load_config, read_recipe, task_defaults, validate
+from .errors import Interrupted, UserError
+from .manifest import FILENAME, Manifest
+
+log = logging.getLogger("lora_ft")
+
+RECIPES = "recipes"  # OUTPUT/recipes/<run>.yaml: what each run was asked to be (copy one to train it alone)
+RESULTS = "results"  # OUTPUT/results.md, .json, .png
+
+
+@dataclass
+class Run:
+    name: str
+    settings: dict[str, Any]  # recipe keys: the shared ones with this run's own on top
+    row: dict[str, Any] = field(default_factory=dict)  # its results, once finished
+
+
+def plan(
+    task: str,
+    method_names: list[str] | None = None,
+    ranks: list[int] | None = None,
+    runs_file: str | Path | None = None,
+    recipe: str | Path | None = None,
+    shared: dict[str, Any] | None = None,
+) -> list[Run]:
+    """The runs to compare: one per entry of `runs_file` (a YAML list of recipe mappings, each with an optional
+    `name`), or each of `method_names` at each of `ranks` (a method without a rank, ia3 or full, once). `recipe`
+    and `shared` (flags) go under each run's own settings. Every run's config is checked now, before any trains."""
+    base = (read_recipe(Path(recipe), task) if recipe else {}) | validate(_given(shared), "command line", task)
+    if runs_file is not None:
+        own = [(entry.pop("name", None), entry) for entry in _read_runs(Path(runs_file), task)]
+    else:
+        chosen = ranks or [base.get("lora_r", task_defaults(task)["lora_r"])]
+        own = []
+        for name in method_names or ["lora"]:
+            if name not in methods.METHODS:
+                raise UserError(f"`methods`: unknown method {name!r} (known: {', '.join(methods.METHODS)})")
+            if methods.METHODS[name].rank:
+                own += [(None, {"method": name, "lora_r": r}) for r in chosen]
+            else:
+                own.append((None, {"method": name}))
+    found = [Run(name or _name(settings), base | settings) for name, settings in own]
+    names = [run.name for run in found]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"two runs are named {twice[0]!r}: give each entry its own `name`")
+    for run in found:  # a combination PEFT cannot do, refused now rather than hours in (any model will do for that)
+        methods.check(load_config(task, None, run.settings | {"model": run.settings.get("model") or "gpt2"}))
+    return found
+
+
+def _given(values: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (values or {}).items() if v is not None}
+
+
+def _read_runs(path: Path, task: str) -> list[dict[str, Any]]:
+    try:
+        entries = yaml.safe_load(files.read_bytes(path, files.MAX_RECORD_BYTES, "runs file").decode("utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: runs file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot read the runs file ({str(e).splitlines()[0]})") from None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise UserError(f"{path}: a runs file is a YAML list of recipe mappings, one per run")
+    for number, entry in enumerate(entries, 1):
+        name = entry.get("name")
+        if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
+            raise UserError(f"{path}: run {number}: 'name' must be a folder name, got {name!r}")
+        validate({k: v for k, v in entry.items() if k != "name"}, f"{path}: run {number}", task)
+    return entries
+
+
+def _name(settings: dict[str, Any]) -> str:
+    method = settings.get("method", "lora")
+    rank = f"-r{settings['lora_r']}" if methods.METHODS[method].rank and "lora_r" in settings else ""
+    return method + rank
+
+
+def compare(task: str, found: list[Run], output: str | Path, debug: bool = False) -> dict[str, Any]:
+    """Train each of `found` into OUTPUT/<name> (reusing a finished one, resuming an interrupted one), then write
+    OUTPUT/results.{md,json,png}; returns what results.json holds."""
+    output = Path(output)
+    (output / RECIPES).mkdir(parents=True, exist_ok=True)
+    for number, run in enumerate(found, 1):
+        folder, recipe = output / run.name, output / RECIPES / f"{run.name}.yaml"
+        text = yaml.safe_dump({"task": task, **run.settings}, sort_keys=False)
+        if (folder / FILENAME).is_file():
+            _check_same(folder, recipe, text)
+            log.info("run %d/%d, %s: finished before, reused", number, len(found), run.name)
+        else:
+            _write_text(recipe, text)
+            log.info("run %d/%d, %s: training", number, len(found), run.name)
+            _train(task, recipe, folder, debug)
+        run.row = row(task, run.name, folder)
+    results = summarise(task, found, output)
+    files.write_json_atomically(output / f"{RESULTS}.json", results)
+    _write_text(output / f"{RESULTS}.md", table(results) + "\n")
+    plots.plot_pareto(results, output / f"{RESULTS}.png")
+    return results
+
+
+def _check_same(folder: Path, recipe: Path, text: str) -> None:
+    """A finished run is reused only when it was asked to be what is asked now."""
+    was = recipe.read_text(encoding="utf-8") if recipe.is_file() else None
+    if was != text:
+        raise UserError(
+            f"{folder}: a finished run made from another recipe than this comparison's ({recipe} differs); "
+            "delete the folder to train it again, or compare into another `output`"
+        )
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _train(task: str, recipe: Path, folder: Path, debug: bool) -> None:
+    """The task's own command on `recipe` into `folder`, in a process of its own (progress shown as it goes);
+    from its checkpoint when an interrupted run into `folder` left one."""
+    command = [sys.executable, "-m", "lora_ft", task, "--config", str(recipe), "--output", str(folder)]
+    partial = runs.partial_folder(folder)
+    if partial.is_dir() and runs.newest_checkpoint(partial) is not None:
+        command = [sys.executable, "-m", "lora_ft", task, "--resume", str(folder)]
+    # In a session of its own, so that Ctrl-C reaches this process only, which passes one signal on: the run then
+    # stops as its own command does on one (at the end of its step, with a checkpoint), not at once on a second.
+    child = subprocess.Popen(
+        [*command, *(["--debug"] if debug else [])], stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        code = child.wait()
+    except BaseException as stop:
+        child.send_signal(signal.SIGTERM if getattr(stop, "signal_name", "") == "SIGTERM" else signal.SIGINT)
+        child.wait()
+        raise
+    if code in (130, 143):  # stopped by a signal sent to it alone: stop the comparison too
+        raise Interrupted(code - 128)
+    if code != 0:
+        raise UserError(f"run {folder.name} failed (exit {code}; its error is above): fix it and run again")
+
+
+def row(task: str, name: str, folder: Path) -> dict[str, Any]:
+    """One run's line of the table, from its manifest and its files."""
+    manifest = Manifest.read(folder)
+    key = tasks.get(task).key_metric
+    val = manifest.metrics.get("val", {})
+    training, lora = manifest.training, manifest.lora
+    weights = [f for f in ("adapter_model.safetensors", "model.safetensors") if (folder / f).is_file()]
+    epochs = training.get("epochs") or 0
+    return {
+        "name": name,
+        "folder": str(folder),
+        "method": lora.get("method", "lora"),
+        "lora_r": manifest.config.get("lora_r") if methods.of(manifest.config).rank else None,
+        f"val_{key}" if key in val else "val_loss": val.get(key, val.get("loss")),
+        f"test_{key}": manifest.metrics.get("test", {}).get(key),
+        "trainable_parameters": lora["trainable_parameters"],
+        "weights_bytes": sum((folder / f).stat().st_size for f in weights),
+        "seconds_per_epoch": round(training["seconds"] / epochs, 3) if epochs else None,
+        "peak_rss_bytes": training.get("peak_rss_bytes"),
+        "peak_gpu_bytes": training.get("peak_gpu_bytes"),
+    }
+
+
+def summarise(task: str, found: list[Run], output: Path) -> dict[str, Any]:
+    key = f"test_{tasks.get(task).key_metric}"
+    rows = [run.row for run in found]
+    return {"task": task, "key_metric": key, "output": str(output), "runs": rows, "pareto": pareto(rows, key)}
+
+
+def pareto(rows: list[dict[str, Any]], key: str) -> list[str]:
+    """The runs no other run beats: as good or better on `key` with no more trainable parameters, and strictly
+    better on one of the two. Sorted by trainable parameters."""
+    scored = [r for r in rows if r.get(key) is not None]
+
+    def beaten(r: dict[str, Any]) -> bool:
+        return any(
+            o[key] >= r[key]
+            and o["trainable_parameters"] <= r["trainable_parameters"]
+            and (o[key] > r[key] or o["trainable_parameters"] < r["trainable_parameters"])
+            for o in scored
+        )
+
+    return [r["name"] for r in sorted(scored, key=lambda r: r["trainable_parameters"]) if not beaten(r)]
+
+
+def table(results: dict[str, Any]) -> str:
+    """results.md: one row per run, Pareto-front runs marked."""
+    from .report import size
+
+    key = results["key_metric"]
+    val_key = next((k for k in results["runs"][0] if k.startswith("val_")), "val")
+    head = ["run", "method", "r", val_key, key, "trainable params", "weights", "s / epoch", "peak RSS", "Pareto"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["runs"]:
+        cells = [
+            r["name"],
+            r["method"],
+            r["lora_r"] if r["lora_r"] is not None else "-",
+            _number(r.get(val_key)),
+            _number(r.get(key)),
+            f"{r['trainable_parameters']:,}",
+            size(r["weights_bytes"]),
+            r["seconds_per_epoch"] if r["seconds_per_epoch"] is not None else "-",
+            size(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-",
+            "yes" if r["name"] in results["pareto"] else "",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"

@@ -1,0 +1,84 @@
+"""`compare`: two tiny configurations trained through the CLI, the table, JSON and plot written, and a second run
+reusing the finished runs; the Pareto front; bad runs files refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_ft import compare
+from lora_ft.errors import UserError
+
+from .conftest import run_cli
+from .test_methods import write_spam
+
+
+def test_compare_writes_table_json_plot_and_reuses_finished_runs(tiny_gpt2: Path, tmp_path: Path):
+    data, output = write_spam(tmp_path / "sms.tsv"), tmp_path / "cmp"
+    args = ["compare", "spam", "--methods", "lora,ia3", "--lora-r", "2", "--model", str(tiny_gpt2)]
+    args += ["--data", str(data), "--max-steps", "2", "--output", str(output)]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "run 1/2, lora-r2: training" in first.stderr and "run 2/2, ia3: training" in first.stderr
+    results = json.loads((output / "results.json").read_text())
+    rows = {row["name"]: row for row in results["runs"]}
+    assert set(rows) == {"lora-r2", "ia3"} and results["key_metric"] == "test_accuracy"
+    assert rows["ia3"]["trainable_parameters"] < rows["lora-r2"]["trainable_parameters"]
+    for row in rows.values():
+        manifest = json.loads((Path(row["folder"]) / "lora_ft.json").read_text())  # each run a normal adapter
+        assert row["test_accuracy"] == manifest["metrics"]["test"]["accuracy"]
+        assert row["peak_rss_bytes"] > 0 and row["weights_bytes"] > 0 and row["seconds_per_epoch"] is not None
+        assert manifest["config"]["seed"] == 123 and manifest["data"]["split_sizes"] == {
+            "train": 28,
+            "val": 4,
+            "test": 8,
+        }
+    data_seen = {json.loads((Path(r["folder"]) / "lora_ft.json").read_text())["data"]["sha256"] for r in rows.values()}
+    assert len(data_seen) == 1  # the same data for every run
+    table = (output / "results.md").read_text()
+    assert table.splitlines()[0].startswith("| run | method | r |") and "| ia3 | ia3 | - |" in table
+    assert first.stdout.startswith(table.strip().splitlines()[0])
+    assert Image.open(output / "results.png").size[0] > 300
+    stamp = (output / "ia3" / "adapter_model.safetensors").stat().st_mtime_ns
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "lora-r2: finished before, reused" in again.stderr and "training" not in again.stderr
+    assert (output / "ia3" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((output / "results.json").read_text())["runs"] == results["runs"]
+
+    changed = run_cli(*args[:-2], "--lr", "0.1", "--output", str(output))
+    assert changed.returncode == 2 and "a finished run made from another recipe" in changed.stderr
+
+
+def test_pareto_front():
+    rows = [
+        {"name": "a", "trainable_parameters": 10, "m": 0.90},
+        {"name": "b", "trainable_parameters": 100, "m": 0.95},
+        {"name": "c", "trainable_parameters": 100, "m": 0.93},  # beaten by b
+        {"name": "d", "trainable_parameters": 1000, "m": 0.95},  # beaten by b (same metric, more parameters)
+        {"name": "e", "trainable_parameters": 5000, "m": 0.99},
+        {"name": "f", "trainable_parameters": 50, "m": None},  # failed to score: not on the front
+    ]
+    assert compare.pareto(rows, "m") == ["a", "b", "e"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("method: lora\n", "a YAML list of recipe mappings"),
+        ("- {method: lora}\n- {method: sgd}\n", "run 2: 'method' must be one of"),
+        ("- {name: ../x, method: lora}\n", "run 1: 'name' must be a folder name"),
+        ("- {method: lora}\n- {method: lora}\n", "two runs are named 'lora'"),
+        ("- {method: full, quantize: 4bit}\n", "`method` full cannot train a quantised base"),
+        ("- {lora_r: [4, 16]}\n", "run 1: 'lora_r' must be int"),
+    ],
+)
+def test_bad_runs_files_are_refused(tmp_path: Path, text: str, message: str):
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(text)
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        compare.plan("spam", runs_file=runs)
