@@ -287,11 +287,25 @@ def check(
     }
 
 
-def modelfile(gguf_name: str, prompt_template: str | None, stop: str) -> str:
-    """An Ollama Modelfile for the export: the prompt the adapter was trained with around Ollama's `.Prompt`, its
-    stop token, and greedy decoding (as lora_ft's `generate` answers)."""
-    template = data.format_prompt("{{ .Prompt }}") if prompt_template == "alpaca" else "{{ .Prompt }}"
-    return f'FROM ./{gguf_name}\nTEMPLATE """{template}"""\nPARAMETER stop {_quoted(stop)}\nPARAMETER temperature 0\n'
+# lora_ft's default chat template (chat.DEFAULT_TEMPLATE, for tokenizers without one) in Ollama's Go template
+# language; EOS ends each assistant turn
+OLLAMA_DEFAULT_CHAT = (
+    "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}"
+    '{{ if eq .Role "assistant" }}EOS{{ else }}\n{{ end }}{{ end }}<|assistant|>\n'
+)
+
+
+def modelfile(gguf_name: str, prompt_template: str | None, stop: str, chat_source: str | None = None) -> str:
+    """An Ollama Modelfile for the export: the prompt the adapter was trained with (around Ollama's `.Prompt`, or
+    for a chat adapter its conversation template), its stop token, and greedy decoding (as lora_ft's `generate`).
+    A chat adapter trained with its tokenizer's own template gets no TEMPLATE line: Ollama then takes the template
+    the GGUF holds (`tokenizer.chat_template`), which no rewriting by lora_ft could match as surely."""
+    if prompt_template == "chat":
+        template = OLLAMA_DEFAULT_CHAT.replace("EOS", stop) if chat_source == "lora_ft default" else None
+    else:
+        template = data.format_prompt("{{ .Prompt }}") if prompt_template == "alpaca" else "{{ .Prompt }}"
+    lines = [f"FROM ./{gguf_name}", *([f'TEMPLATE """{template}"""'] if template else [])]
+    return "\n".join([*lines, f"PARAMETER stop {_quoted(stop)}", "PARAMETER temperature 0"]) + "\n"
 
 
 def _quoted(text: str) -> str:

@@ -203,8 +203,9 @@ def _export_gguf(
 def _modelfile(folder: Path, gguf_name: str, manifest: Manifest, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
     """The Ollama Modelfile beside the GGUF: the adapter's prompt template and stop token."""
     stop = (manifest.generation or {}).get("stops_at") or tokenizer.eos_token
-    template = manifest.data.get("prompt_template")
-    (folder / "Modelfile").write_text(gguf_export.modelfile(gguf_name, template, stop), encoding="utf-8")
+    template, chat = manifest.data.get("prompt_template"), manifest.data.get("chat_template") or {}
+    text = gguf_export.modelfile(gguf_name, template, stop, chat.get("source"))
+    (folder / "Modelfile").write_text(text, encoding="utf-8")
     return {"modelfile": "Modelfile", "prompt_template": template or "prompt as given", "stop": stop}
 
 

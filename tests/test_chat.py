@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, GPT2TokenizerFast
 
-from lora_ft import chat, cli, data, instruct, models, serve, server
+from lora_ft import chat, cli, data, instruct, merge, models, serve, server
 from lora_ft.config import load_config
 from lora_ft.errors import UserError
 
@@ -270,3 +270,16 @@ def test_serve_renders_the_whole_conversation_for_a_chat_adapter(chat_run):
     assert done.wait(60)
     with pytest.raises(UserError, match="a request ends with the user's turn"):
         registry.generate("adapter", {"instruction": "x", "messages": TWO_TURNS}, 4, sampling, lambda *_: None)
+
+
+def test_gguf_export_of_a_chat_adapter_carries_its_template(chat_run, tmp_path: Path):
+    """`merge --gguf`: the GGUF holds the chat template (llama.cpp applies it), the Modelfile the same turns in
+    Ollama's template language, rendered here by hand for one conversation."""
+    import gguf
+
+    result = merge.merge(chat_run.adapter_dir, tmp_path / "export", gguf="f32")
+    reader = gguf.GGUFReader(result.output / "export.gguf")
+    assert reader.get_field("tokenizer.chat_template").contents() == chat.DEFAULT_TEMPLATE
+    text = (result.output / "Modelfile").read_text()
+    assert "{{- range .Messages }}<|{{ .Role }}|>" in text and f'{{{{ if eq .Role "assistant" }}}}{EOS}' in text
+    assert result.manifest.merge["gguf"]["prompt_template"] == "chat"
