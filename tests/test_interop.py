@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_ft import data, files, merge
+from lora_ft import data, files, gguf_export, merge
 
 from .conftest import PAIRS
 
@@ -48,8 +48,9 @@ def _venv(name: str, *packages: str) -> Path:
 
 @pytest.fixture(scope="module")
 def export(instruct_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The adapter merged (gpt2.gguf, f32) and alone as a GGUF LoRA (gpt2.lora.gguf)."""
     folder = tmp_path_factory.mktemp("interop") / "gpt2"
-    merge.merge(instruct_run[0].adapter_dir, folder, gguf="f32")
+    merge.merge(instruct_run[0].adapter_dir, folder, gguf="f32", gguf_adapter=True)
     return folder
 
 
@@ -87,16 +88,26 @@ def _llama_cpp() -> Path:
     return next(unpacked.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
 
 
+def _built(target: str) -> Path:
+    """llama.cpp's program `target`, built once with cmake (CPU only, no network, no server)."""
+    llama_cpp = _llama_cpp()
+    program = llama_cpp / "build" / "bin" / target
+    if not program.exists():
+        configure = ["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF"]
+        subprocess.run([*configure, "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], cwd=llama_cpp, check=True)
+        build = ["cmake", "--build", "build", "-j2", "--target", target]
+        subprocess.run(build, cwd=llama_cpp, check=True, capture_output=True, timeout=1800)
+    return program
+
+
+def _answer(output: str, prompt: str) -> str:
+    return output.split(prompt, 1)[-1].replace("<|endoftext|>", "").replace("[end of text]", "").strip()
+
+
 def test_llama_cpp_answers_as_generate(export: Path):
     """llama.cpp itself (its `llama-simple`, built here with cmake) answers the four prompts greedily from the f32
     GGUF with the adapter's own answers."""
-    llama_cpp = _llama_cpp()
-    simple = llama_cpp / "build" / "bin" / "llama-simple"
-    if not simple.exists():
-        configure = ["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF"]
-        subprocess.run([*configure, "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], cwd=llama_cpp, check=True)
-        build = ["cmake", "--build", "build", "-j2", "--target", "llama-simple"]
-        subprocess.run(build, cwd=llama_cpp, check=True, capture_output=True, timeout=1800)
+    simple = _built("llama-simple")
     for (_, _, expected), prompt in zip(PAIRS, PROMPTS, strict=True):
         done = subprocess.run(
             [str(simple), "-m", str(export / "gpt2.gguf"), "-n", "24", prompt],  # the prompt as an argument, exactly
@@ -105,7 +116,39 @@ def test_llama_cpp_answers_as_generate(export: Path):
             timeout=300,
         )
         assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.split(prompt, 1)[1].replace("<|endoftext|>", "").strip() == expected
+        assert _answer(done.stdout, prompt) == expected
+
+
+@pytest.fixture(scope="module")
+def base_gguf(instruct_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The adapter's base alone (the tiny GPT-2 checkpoint), written as GGUF f32 by lora_ft's writer."""
+    base = Path(json.loads((instruct_run[0].adapter_dir / "lora_ft.json").read_text())["base"]["location"])
+    path = tmp_path_factory.mktemp("base") / "base.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    gguf_export.write(AutoModelForCausalLM.from_pretrained(base), tokenizer, base, path, "f32", "base", None)
+    return path
+
+
+def test_llama_cpp_applies_the_gguf_adapter(export: Path, base_gguf: Path, tmp_path: Path):
+    """The adapter as a GGUF LoRA on the base: `llama-completion --lora` answers the four prompts greedily with the
+    adapter's answers, and `llama-export-lora` merges it into the weights `merge --gguf` wrote."""
+    completion = _built("llama-completion")
+    lora = export / "gpt2.lora.gguf"
+    for (_, _, expected), prompt in zip(PAIRS, PROMPTS, strict=True):
+        command = [str(completion), "-m", str(base_gguf), "--lora", str(lora), "-p", prompt, "-n", "24"]
+        command += ["--temp", "0", "-no-cnv", "--no-display-prompt", "--no-warmup"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert _answer(done.stdout, prompt) == expected
+    merged = tmp_path / "merged.gguf"
+    export_lora = _built("llama-export-lora")
+    command = [str(export_lora), "-m", str(base_gguf), "--lora", str(lora), "-o", str(merged)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = {t.name: t for t in gguf.GGUFReader(merged).tensors}
+    for tensor in gguf.GGUFReader(export / "gpt2.gguf").tensors:
+        other = gguf.quants.dequantize(theirs[tensor.name].data, theirs[tensor.name].tensor_type)
+        assert np.allclose(other.reshape(tensor.data.shape), tensor.data, atol=1e-5), tensor.name
 
 
 def test_llama_cpp_converter_converts_the_export_as_merge_does(export: Path, tmp_path: Path):
