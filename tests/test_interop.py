@@ -1,9 +1,12 @@
 """Slow (`pytest -m slow`, minutes of installs): lora_ft's outputs taken to other tools as they are. transformers
 4.57 and peft 0.17 in their own venv load a merged GPT-2 export and the adapter; llama.cpp's own converter (from
 the llama-cpp-python source distribution, which vendors llama.cpp) converts the export with no edits, to the same
-tensors and tokenizer as `merge --gguf f32`."""
+tensors and tokenizer as `merge --gguf f32`; llama.cpp's programs, built with cmake, answer with the adapter's
+answers from the merged GGUF (`llama-simple`) and from the base + the GGUF LoRA (`llama-completion --lora`), and
+`llama-export-lora` merges the GGUF LoRA into the weights `merge` wrote."""
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -15,13 +18,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_ft import data, files, gguf_export, merge
+from lora_ft import data, gguf_export, merge
 
 from .conftest import PAIRS
 
 pytestmark = pytest.mark.slow
 PROMPTS = [data.format_prompt(i, x) for i, x, _ in PAIRS]
-CACHE = files.cache_dir() / "interop"
+# Kept between runs (venvs and a llama.cpp build take minutes): not the tests' throwaway lora_ft cache
+CACHE = Path(os.environ.get("LORA_FT_INTEROP_CACHE", Path.home() / ".cache" / "lora_ft" / "interop"))
 
 OLD_READER = """
 import json, sys, torch
