@@ -152,8 +152,10 @@ def _train(task: str, recipe: Path, folder: Path, debug: bool) -> None:
     except BaseException as stop:
         child.send_signal(signal.SIGTERM if getattr(stop, "signal_name", "") == "SIGTERM" else signal.SIGINT)
         child.wait()
+        log.info("comparison stopped in run %s: the same `compare` command continues it", folder.name)
         raise
     if code in (130, 143):  # stopped by a signal sent to it alone: stop the comparison too
+        log.info("comparison stopped in run %s: the same `compare` command continues it", folder.name)
         raise Interrupted(code - 128)
     if code != 0:
         raise UserError(f"run {folder.name} failed (exit {code}; its error is above): fix it and run again")
