@@ -104,6 +104,7 @@ class Adapter:
             "created": int(created.timestamp()),
             "owned_by": "lora_ft",
             "task": manifest.task,
+            "method": methods.of(manifest.config).name,  # lora, dora, ia3, vera, or full (a whole model)
             "serves": self.task.serves,
             "base": adapters.base_name(manifest.base),
             "created_at": manifest.created,
@@ -424,10 +425,12 @@ def _measure(bases: list[Base], served: dict[str, Adapter]) -> None:
     its copy of the head). PEFT names an adapter's tensors with its adapter name as one part of their path."""
     for base in bases:
         owners = {a.peft_name: a for a in served.values() if a.base is base}
+        whole = next((a for a in owners.values() if not methods.of(a.manifest.config).adapter), None)
         tensors = itertools.chain(base.model.named_parameters(), base.model.named_buffers())
         for name, tensor in tensors:
             size = tensor.numel() * tensor.element_size()
-            owner = next((owners[part] for part in name.split(".") if part in owners), None)
+            # a fully fine-tuned model owns every weight of its base
+            owner = whole or next((owners[part] for part in name.split(".") if part in owners), None)
             if owner is None:
                 base.weight_bytes += size
             else:

@@ -97,6 +97,9 @@ def test_full_fine_tuning_saves_the_whole_model(tiny_gpt2: Path, spam_data: Path
     lora = spam_run[0].adapter_dir
     registry = serve.load([str(folder), str(lora)])
     assert len(registry.bases) == 2
+    described = {m["id"]: m for m in registry.models()}
+    assert {name: m["method"] for name, m in described.items()} == {folder.name: "full", lora.name: "lora"}
+    assert described[folder.name]["weight_bytes"] >= (folder / "model.safetensors").stat().st_size * 0.9
     for name, path in ((folder.name, folder), (lora.name, lora)):
         done = queue.Queue()
         registry.classify(name, TEXTS, lambda kind, value, done=done: done.put((kind, value)))
