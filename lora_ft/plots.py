@@ -53,10 +53,16 @@ def plot_pareto(results: dict[str, Any], path: Path) -> None:
     key, front = results["key_metric"], results["pareto"]
     rows = [r for r in results["runs"] if r.get(key) is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    span = (max(r[key] for r in rows) - min(r[key] for r in rows)) if rows else 0.0
+    placed: list[tuple[float, float]] = []
     for r in rows:
         on = r["name"] in front
-        ax.scatter(r["trainable_parameters"], r[key], s=60 if on else 30, c="C3" if on else "C0", zorder=3)
-        ax.annotate(r["name"], (r["trainable_parameters"], r[key]), textcoords="offset points", xytext=(5, 4))
+        x, y = float(np.log10(max(r["trainable_parameters"], 1))), r[key]
+        ax.scatter(r["trainable_parameters"], y, s=60 if on else 30, c="C3" if on else "C0", zorder=3)
+        # runs that land on (nearly) the same point get their labels stacked, not written over each other
+        near = sum(abs(px - x) < 0.3 and abs(py - y) <= 0.04 * span for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(r["name"], (r["trainable_parameters"], y), textcoords="offset points", xytext=(5, 4 - 11 * near))
     line = sorted((r for r in rows if r["name"] in front), key=lambda r: r["trainable_parameters"])
     if line:
         ax.plot([r["trainable_parameters"] for r in line], [r[key] for r in line], "--o", c="C3", label="Pareto front")
