@@ -50,8 +50,9 @@ def test_compare_writes_table_json_plot_and_reuses_finished_runs(tiny_gpt2: Path
     assert (output / "ia3" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads((output / "results.json").read_text())["runs"] == results["runs"]
 
-    changed = run_cli(*args[:-2], "--lr", "0.1", "--output", str(output))
-    assert changed.returncode == 2 and "a finished run made from another recipe" in changed.stderr
+    shared = {"model": str(tiny_gpt2), "data": str(data), "max_steps": 2, "lr": 0.1}
+    with pytest.raises(UserError, match="a finished run made from another recipe"):  # refused before any training
+        compare.compare("spam", compare.plan("spam", ["lora", "ia3"], [2], shared=shared), output)
 
 
 def test_pareto_front():
