@@ -48,6 +48,8 @@ INITIAL_ADAPTER = "initial_adapter"  # in the run folder: the adapter as it star
 def of(config: RunConfig | dict[str, Any]) -> Method:
     """The method a run config (or a manifest's recorded config) names; adapters from before `method` are LoRA."""
     name = config.get("method", "lora") if isinstance(config, dict) else config.method
+    if name not in METHODS:  # a hand-edited manifest: RunConfig's own checks never let one through
+        raise UserError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
     return METHODS[name]
 
 
