@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from .config import METHODS, RunConfig
 from .errors import UserError
 from .files import MANIFEST_NAME, MAX_RECORD_BYTES, parse_json, read_bytes, sha256_file
 
@@ -106,6 +106,9 @@ class Manifest(dict):
         if missing:
             raise UserError(f"{path}: not a complete manifest (no '{missing[0]}')")
         cls._check_types(path, value)
+        method = value["config"].get("method", "lora")
+        if method not in METHODS:  # what loads the adapter depends on it (methods.of)
+            raise UserError(f"{path}: unknown 'config.method' {method!r} (known: {', '.join(METHODS)})")
         return cls(value)
 
     @classmethod
