@@ -104,13 +104,15 @@ def compare(task: str, found: list[Run], output: str | Path, debug: bool = False
     for number, run in enumerate(found, 1):
         folder, recipe = output / run.name, output / RECIPES / f"{run.name}.yaml"
         text = yaml.safe_dump({"task": task, **run.settings}, sort_keys=False)
-        if (folder / FILENAME).is_file():
+        finished, resumable = (folder / FILENAME).is_file(), _resumable(folder)
+        if finished or resumable:  # made (or begun) from the recipe asked for now, or refused
             _check_same(folder, recipe, text)
+        if finished:
             log.info("run %d/%d, %s: finished before, reused", number, len(found), run.name)
         else:
             _write_text(recipe, text)
-            log.info("run %d/%d, %s: training", number, len(found), run.name)
-            _train(task, recipe, folder, debug)
+            log.info("run %d/%d, %s: %s", number, len(found), run.name, "resuming" if resumable else "training")
+            _train(task, recipe, folder, resumable, debug)
         run.row = row(task, run.name, folder)
     results = summarise(task, found, output)
     files.write_json_atomically(output / f"{RESULTS}.json", results)
@@ -119,13 +121,20 @@ def compare(task: str, found: list[Run], output: str | Path, debug: bool = False
     return results
 
 
+def _resumable(folder: Path) -> bool:
+    """An interrupted run into `folder` left a checkpoint to continue from."""
+    partial = runs.partial_folder(folder)
+    return partial.is_dir() and runs.newest_checkpoint(partial) is not None
+
+
 def _check_same(folder: Path, recipe: Path, text: str) -> None:
-    """A finished run is reused only when it was asked to be what is asked now."""
+    """A finished run is reused, and an interrupted one resumed, only when it was asked to be what is asked now."""
     was = recipe.read_text(encoding="utf-8") if recipe.is_file() else None
     if was != text:
         raise UserError(
-            f"{folder}: a finished run made from another recipe than this comparison's ({recipe} differs); "
-            "delete the folder to train it again, or compare into another `output`"
+            f"{folder}: a run made from another recipe than this comparison's ({recipe} differs); "
+            f"delete {folder} (and {runs.partial_folder(folder).name} beside it) to train it again, or compare "
+            "into another `output`"
         )
 
 
@@ -135,12 +144,11 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _train(task: str, recipe: Path, folder: Path, debug: bool) -> None:
-    """The task's own command on `recipe` into `folder`, in a process of its own (progress shown as it goes);
-    from its checkpoint when an interrupted run into `folder` left one."""
+def _train(task: str, recipe: Path, folder: Path, resume: bool, debug: bool) -> None:
+    """The task's own command on `recipe` into `folder`, in a process of its own (progress shown as it goes), or
+    with `resume` from the checkpoint an interrupted run into `folder` left."""
     command = [sys.executable, "-m", "lora_ft", task, "--config", str(recipe), "--output", str(folder)]
-    partial = runs.partial_folder(folder)
-    if partial.is_dir() and runs.newest_checkpoint(partial) is not None:
+    if resume:
         command = [sys.executable, "-m", "lora_ft", task, "--resume", str(folder)]
     # In a session of its own, so that Ctrl-C reaches this process only, which passes one signal on: the run then
     # stops as its own command does on one (at the end of its step, with a checkpoint), not at once on a second.

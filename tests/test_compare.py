@@ -51,7 +51,7 @@ def test_compare_writes_table_json_plot_and_reuses_finished_runs(tiny_gpt2: Path
     assert json.loads((output / "results.json").read_text())["runs"] == results["runs"]
 
     shared = {"model": str(tiny_gpt2), "data": str(data), "max_steps": 2, "lr": 0.1}
-    with pytest.raises(UserError, match="a finished run made from another recipe"):  # refused before any training
+    with pytest.raises(UserError, match="a run made from another recipe"):  # refused before any training
         compare.compare("spam", compare.plan("spam", ["lora", "ia3"], [2], shared=shared), output)
 
 
