@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import platform
-import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -259,7 +258,7 @@ def measure(
         "real_tokens_per_second": real / epoch_seconds,
         "flops_per_padded_token": flops,
         "gflops_per_second": flops * padded / epoch_seconds / 1e9,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        "peak_rss_bytes": files.peak_rss_bytes(),
     }
     if setup.timed_steps is None and len(durations) > 23:  # how well --quick's estimate would have done
         first = slice(3, 23)

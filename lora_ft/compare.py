@@ -7,7 +7,6 @@ interrupted one from its checkpoint."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -110,13 +109,13 @@ def compare(task: str, found: list[Run], output: str | Path, debug: bool = False
         if finished:
             log.info("run %d/%d, %s: finished before, reused", number, len(found), run.name)
         else:
-            _write_text(recipe, text)
+            files.write_text_atomically(recipe, text)
             log.info("run %d/%d, %s: %s", number, len(found), run.name, "resuming" if resumable else "training")
             _train(task, recipe, folder, resumable, debug)
         run.row = row(task, run.name, folder)
     results = summarise(task, found, output)
     files.write_json_atomically(output / f"{RESULTS}.json", results)
-    _write_text(output / f"{RESULTS}.md", table(results) + "\n")
+    files.write_text_atomically(output / f"{RESULTS}.md", table(results) + "\n")
     plots.plot_pareto(results, output / f"{RESULTS}.png")
     return results
 
@@ -136,12 +135,6 @@ def _check_same(folder: Path, recipe: Path, text: str) -> None:
             f"delete {folder} (and {runs.partial_folder(folder).name} beside it) to train it again, or compare "
             "into another `output`"
         )
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _train(task: str, recipe: Path, folder: Path, resume: bool, debug: bool) -> None:

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import io
 import itertools
-import resource
 import time
 from importlib import metadata
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from . import files
 
 PAD_ID = 50256  # SpamDataset's default pad id: GPT-2's <|endoftext|>
 LORA_ALPHA = 16  # appendix E: replace_linear_with_lora(model, rank=16, alpha=16)
@@ -222,7 +223,7 @@ def measure(
         "flops_per_padded_token": flops,
         "gflops_per_second": flops * padded_tokens / seconds_per_epoch / 1e9,
         "lora_b_norm": lora_b_norm(model),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        "peak_rss_bytes": files.peak_rss_bytes(),
     }
     if device.type == "cuda":
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)

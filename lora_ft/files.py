@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import stat
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -87,12 +88,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_ft"
 
 
-def write_json_atomically(path: Path, value: Any) -> None:
-    """`value` as JSON at `path`, written beside it first and renamed into place."""
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` at `path`, written beside it first and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """`value` as JSON at `path`, written beside it first and renamed into place."""
+    write_text_atomically(path, json.dumps(value, indent=2) + "\n")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, in bytes (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from .callbacks import SeededLengthGroupedSampler, ShowProgress, StopOnSignal, T
 from .config import RunConfig, with_model
 from .data import SPLITS
 from .errors import Interrupted, UserError
-from .files import now_iso, sha256_file
+from .files import now_iso, peak_rss_bytes, sha256_file
 from .manifest import Manifest
 
 log = logging.getLogger("lora_ft")
@@ -396,11 +395,8 @@ def _restore(trainer: Trainer, state: TrainerState, checkpoint: Path) -> None:
 
 def peak_memory() -> dict[str, int | None]:
     """This process's peak resident memory (of a resumed run: since it resumed), and the GPU's peak allocation."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # macOS: B
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return {"peak_rss_bytes": peak, "peak_gpu_bytes": gpu}
+    return {"peak_rss_bytes": peak_rss_bytes(), "peak_gpu_bytes": gpu}
 
 
 def training_section(trainer: Trainer, precision: str) -> dict[str, Any]:
