@@ -100,6 +100,7 @@ def load_with_base(
     from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
+    from .hardware import base_is_bf16, skip_input_casts
     from .models import ModelSource, base_mismatches, describe_base, source_from_manifest
 
     manifest = read_manifest(adapter)
@@ -112,6 +113,7 @@ def load_with_base(
         return Loaded(whole.eval(), tokenizer, manifest, manifest.base, [])
     source = source or source_from_manifest(manifest.base)
     if onto is None:
+        # as trained: a bf16 adapter on a bf16 base (emulated where bf16 is not native: slower, the same numbers)
         quantize, precision = (None, "fp32") if full_precision else manifest.as_trained
         base = load_base(source, tokenizer, manifest, quantize, precision)
         info = describe_base(source, base)
@@ -141,6 +143,8 @@ def load_with_base(
         lines = [line.strip() for line in str(e).splitlines()]
         why = next((line for line in lines if line.startswith("size mismatch")), lines[0])
         raise UserError(f"{adapter}: its weights do not fit {source.spec} ({why})") from None
+    if base_is_bf16(model):
+        skip_input_casts(model)
     return Loaded(model, tokenizer, manifest, info, mismatches)
 
 

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from . import files, models
+from . import files, hardware, models
 from .errors import UserError
 
 
@@ -41,6 +41,7 @@ class Setup:
     lora_dropout: float = 0.05
     activation_checkpointing: bool = False
     compile: bool = False
+    engine_choices: bool = True  # the base held, and attention chosen, as lora_ft's loaders do (lora_ft.hardware)
 
 
 def setups(quick: bool, task: str = "spam") -> list[Setup]:
@@ -72,6 +73,7 @@ def setups(quick: bool, task: str = "spam") -> list[Setup]:
         timed_steps=12 if quick else None,  # alike in size, but their times vary by a quarter
         model_dropout=None,
         lora_dropout=0.05,
+        engine_choices=False,
     )
     # The same steps as lora_ft: peak RSS creeps up with the steps run (the allocator keeps freed memory).
     full = replace(lora_ft, name="full", description="full fine-tuning, otherwise as lora_ft", lora=False)
@@ -107,7 +109,7 @@ def flops_per_token(model: torch.nn.Module, batch: dict[str, torch.Tensor], prec
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
-    dtype = models.compute_dtype(precision)
+    dtype = hardware.compute_dtype(precision)
     counter = FlopCounterMode(display=False)
     with counter, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
@@ -198,9 +200,13 @@ def measure(
     auto_class = getattr(transformers, entry.model_class)
     model: Any = auto_class.from_config(GPT2Config(pad_token_id=tok.pad_token_id, **(architecture or {})))
     models.set_dropout(model, setup.model_dropout)
+    precision = hardware.resolve_precision(setup.precision)
+    if setup.engine_choices:  # as lora_ft's loaders hold a base (models._load_base)
+        if hardware.holds_base_in_bf16(precision, methods.trains_base(config), None):
+            model = hardware.hold_in_bf16(model)
+        hardware.choose_attention(model)
     model = methods.wrap(model, TaskType[entry.peft_task_type], config)
     train, collator = entry.code().bench_data(splits["train"], tok, config, setup.pad_to_longest)
-    precision = training.resolve_precision(setup.precision)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     steps = steps_per_epoch if setup.timed_steps is None else setup.warmup_steps + setup.timed_steps
     timer = StepTimer()
@@ -271,12 +277,10 @@ def measure(
 
 
 def machine() -> dict[str, Any]:
-    from .training import cpu_has_native_bf16
-
     info = {
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
-        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_native_bf16": hardware.cpu_has_native_bf16(),
         "torch": torch.__version__,
     }
     cpuinfo = Path("/proc/cpuinfo")

@@ -19,7 +19,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import adapters, callbacks, data, files, methods, models, plots, report, runs, training
+from . import adapters, callbacks, data, files, hardware, methods, models, plots, report, runs, training
 from .config import RunConfig
 from .errors import UserError
 from .manifest import Manifest
@@ -118,7 +118,8 @@ def predict_logits(
             data_collator=DataCollatorWithPadding(tokenizer),
             callbacks=[callbacks.PredictionProgress(desc)],
         )
-        logits = _logits(trainer.predict(rows).predictions)
+        with hardware.inference(model):
+            logits = _logits(trainer.predict(rows).predictions)
     return logits[np.argsort(order)]
 
 
@@ -188,7 +189,9 @@ def _new_base(
     num_items_in_batch (its loss is its own batch's mean): without `accepts_loss_kwargs = False`, Trainer multiplies
     that loss by the number of processes (logged loss and gradients N times too large)."""
     names = splits["train"].features["label"].names
-    base = models.load_classifier_base(source, tokenizer, names, config.quantize, precision)
+    base = models.load_classifier_base(
+        source, tokenizer, names, config.quantize, precision, methods.trains_base(config)
+    )
     base.accepts_loss_kwargs = False
     return base
 
@@ -237,7 +240,7 @@ def classify_batch(
     """`texts` labelled in one forward pass by an adapter already loaded (`serve`'s batches), padded on the right
     and cut at `max_length` tokens as `predict` does."""
     inputs = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    with torch.no_grad():
+    with torch.no_grad(), hardware.inference(model):
         logits = model(**inputs.to(next(model.parameters()).device)).logits.float().cpu()
     return _predictions(texts, logits, names, longer(texts, tokenizer, max_length))
 

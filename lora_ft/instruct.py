@@ -16,7 +16,7 @@ from peft import PeftModel, TaskType
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from . import adapters, chat, data, methods, models, progress, report, runs, training
+from . import adapters, chat, data, hardware, methods, models, progress, report, runs, training
 from .config import RunConfig
 from .errors import UserError
 from .manifest import Manifest
@@ -149,7 +149,7 @@ def response_loss(
         batch = encoded[start : start + batch_size]
         ids = _pad([torch.tensor(i) for i, _ in batch], tokenizer.pad_token_id).to(device)
         labels = _pad([torch.tensor(label) for _, label in batch], -100).to(device)
-        with torch.no_grad():
+        with torch.no_grad(), hardware.inference(model):
             mask = _pad([torch.ones(len(i), dtype=torch.long) for i, _ in batch], 0).to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits
         total += torch.nn.functional.cross_entropy(
@@ -220,7 +220,7 @@ def generate_batch(
     budget = min(max_new_tokens, context - width) if context else max_new_tokens
     if budget <= 0:
         raise UserError(f"a prompt of {width} tokens leaves no room to answer within {context} tokens")
-    with torch.no_grad():
+    with torch.no_grad(), hardware.inference(model):
         output = model.generate(
             **inputs,
             max_new_tokens=budget,
@@ -333,7 +333,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
 def _new_base(
     source: models.ModelSource, tokenizer: Any, splits: DatasetDict, config: RunConfig, precision: str
 ) -> PreTrainedModel:
-    return models.load_causal_base(source, tokenizer, config.quantize, precision)
+    return models.load_causal_base(source, tokenizer, config.quantize, precision, methods.trains_base(config))
 
 
 def load_base(

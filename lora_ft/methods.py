@@ -129,8 +129,18 @@ def wrap(model: torch.nn.Module, task_type: TaskType, config: RunConfig) -> torc
     """`model` with the run's method attached (PEFT), or as it is for full fine-tuning (every weight trains)."""
     from peft import get_peft_model
 
+    from .hardware import base_is_bf16, trainables_in_float32
+
     peft = peft_config(model, task_type, config)
-    return model if peft is None else get_peft_model(model, peft)
+    wrapped = model if peft is None else get_peft_model(model, peft)
+    if base_is_bf16(wrapped):
+        trainables_in_float32(wrapped)
+    return wrapped
+
+
+def trains_base(config: RunConfig) -> bool:
+    """Whether the run trains the base's own weights (full fine-tuning), so that they must stay float32."""
+    return not of(config).adapter
 
 
 def adapter_off_is_base(config: RunConfig) -> bool:

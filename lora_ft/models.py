@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from . import files, progress
+from . import files, hardware, progress
 from .config import FALLBACK_MODEL, RunConfig
 from .errors import UserError
 from .files import cache_dir, offline, read_json_object, write_json_atomically
@@ -203,11 +203,6 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype matmuls run in at a resolved precision (fp32, bf16 or fp16)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
 def quantization_config(quantize: str | None, precision: str) -> BitsAndBytesConfig | None:
     """QLoRA's base: NF4 with double quantisation (4bit) or LLM.int8 (8bit), computing in `precision`'s dtype.
     The heads stay in full precision: `score` is trained, `lm_head` is tied to the input embeddings."""
@@ -220,7 +215,7 @@ def quantization_config(quantize: str | None, precision: str) -> BitsAndBytesCon
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(precision),
+        bnb_4bit_compute_dtype=hardware.compute_dtype(precision),
         llm_int8_skip_modules=skip,
     )
 
@@ -231,14 +226,18 @@ def load_classifier_base(
     label_names: list[str],
     quantize: str | None = None,
     precision: str = "fp32",
+    trains_base: bool = False,
 ) -> PreTrainedModel:
     """A sequence classifier with a new `score` head; `pad_token_id` set so it pools the last real token.
-    With `quantize`, the base is held in 4 or 8 bits (QLoRA)."""
+    With `quantize`, the base is held in 4 or 8 bits (QLoRA); else in bf16 where `precision` computes in bf16 and
+    training leaves the base frozen (`precision.holds_base_in_bf16`)."""
     return _load_base(
         AutoModelForSequenceClassification,
         source,
         tokenizer,
-        quantization_config(quantize, precision),
+        quantize,
+        precision,
+        trains_base,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
@@ -246,11 +245,15 @@ def load_classifier_base(
 
 
 def load_causal_base(
-    source: ModelSource, tokenizer: PreTrainedTokenizerBase, quantize: str | None = None, precision: str = "fp32"
+    source: ModelSource,
+    tokenizer: PreTrainedTokenizerBase,
+    quantize: str | None = None,
+    precision: str = "fp32",
+    trains_base: bool = False,
 ) -> PreTrainedModel:
-    """A causal LM whose generation pads with the tokenizer's pad token and stops at its EOS; with `quantize`,
-    held in 4 or 8 bits (QLoRA)."""
-    model = _load_base(AutoModelForCausalLM, source, tokenizer, quantization_config(quantize, precision))
+    """A causal LM whose generation pads with the tokenizer's pad token and stops at its EOS; held as
+    `load_classifier_base` holds its base."""
+    model = _load_base(AutoModelForCausalLM, source, tokenizer, quantize, precision, trains_base)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -259,9 +262,12 @@ def _load_base(
     auto_class: Any,
     source: ModelSource,
     tokenizer: PreTrainedTokenizerBase,
-    quantization: BitsAndBytesConfig | None = None,
+    quantize: str | None,
+    precision: str,
+    trains_base: bool,
     **kwargs: Any,
 ) -> PreTrainedModel:
+    quantization = quantization_config(quantize, precision)
     if quantization is not None:
         if source.kind == "gguf":
             raise UserError(f"`quantize`: {source.spec} is a GGUF checkpoint; quantise a safetensors checkpoint")
@@ -279,7 +285,11 @@ def _load_base(
     except (SafetensorError, OSError, ValueError) as e:  # corrupt weights, a broken config.json
         raise UserError(f"{source.location}: cannot load the model ({str(e).splitlines()[0]})") from None
     model.config.pad_token_id = tokenizer.pad_token_id
-    return _as_plain_weights(model, source)
+    model = _as_plain_weights(model, source)
+    if hardware.holds_base_in_bf16(precision, trains_base, quantize):
+        model = hardware.hold_in_bf16(model)
+    hardware.choose_attention(model)
+    return model
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from .config import RunConfig, with_model
 from .data import SPLITS
 from .errors import Interrupted, UserError
 from .files import now_iso, peak_rss_bytes, sha256_file
+from .hardware import resolve_precision
 from .manifest import Manifest
 
 log = logging.getLogger("lora_ft")
@@ -205,27 +206,6 @@ def cpu_only() -> bool:
 def processes() -> PartialState:
     """The processes of this run: just this one, or all those that torchrun or `accelerate launch` started."""
     return PartialState(cpu=cpu_only())
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512-BF16 or AMX: bf16 matmuls run natively. Elsewhere bf16 on the CPU is emulated and slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_precision(requested: str) -> str:
-    """What `--precision` means on this machine: auto is bf16 autocast where the hardware runs bf16 natively,
-    fp16 (with loss scaling) on CUDA GPUs without bf16, and fp32 otherwise."""
-    if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
-        if requested == "bf16" and not bf16:
-            raise UserError(f"`precision` bf16: {torch.cuda.get_device_name()} has no bf16; use fp16 or fp32")
-        return ("bf16" if bf16 else "fp16") if requested == "auto" else requested
-    if requested == "fp16":
-        raise UserError("`precision` fp16 needs a CUDA GPU (loss scaling); on the CPU use bf16 or fp32")
-    if requested == "auto":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    return requested
 
 
 class Resumable:

@@ -15,7 +15,7 @@ from lora_ft import data, gguf_export, instruct, merge
 from lora_ft.config import load_config
 from lora_ft.errors import UserError
 
-from .conftest import GPT2_TOKENIZER, PAIRS, run_cli, write_examples
+from .conftest import EXACT, GPT2_TOKENIZER, PAIRS, run_cli, write_examples
 
 PROMPTS = [data.format_prompt(i, x) for i, x, _ in PAIRS]
 
@@ -42,7 +42,7 @@ def llama_run(tmp_path_factory: pytest.TempPathFactory):
     GPT2TokenizerFast.from_pretrained(GPT2_TOKENIZER).save_pretrained(folder)
     out = tmp_path_factory.mktemp("adapters")
     overrides = {"model": str(folder), "data": str(write_examples(out / "four.json")), "output": str(out / "llama")}
-    overrides |= {"max_steps": 8, "batch_size": 4, "lr": 1e-2, "max_length": 256, "max_new_tokens": 8}
+    overrides |= {"max_steps": 8, "batch_size": 4, "lr": 1e-2, "max_length": 256, "max_new_tokens": 8, **EXACT}
     return instruct.train(load_config("instruct", overrides=overrides))
 
 

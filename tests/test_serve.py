@@ -23,7 +23,7 @@ import pytest
 from lora_ft import classify, instruct
 from lora_ft.config import load_config
 
-from .conftest import DATA_DIR, PAIRS, REPO, run_cli, write_examples
+from .conftest import DATA_DIR, EXACT, PAIRS, REPO, run_cli, write_examples
 
 MESSAGES = [
     "WINNER!! You have been selected to receive a £900 prize reward! Call 09061701461 now",
@@ -73,6 +73,7 @@ def _train_short(tiny_gpt2: Path, folder: Path) -> tuple[Path, Path]:
     rows = (DATA_DIR / "sms_spam_collection" / "SMSSpamCollection").read_text(encoding="utf-8").splitlines()[:80]
     (folder / "sms.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     spam = {"model": str(tiny_gpt2), "data": str(folder / "sms.tsv"), "output": str(folder / "spam-b"), "max_steps": 2}
+    spam |= EXACT
     classify.train(load_config("spam", overrides=spam))
     chat = {
         "model": str(tiny_gpt2),
@@ -81,6 +82,7 @@ def _train_short(tiny_gpt2: Path, folder: Path) -> tuple[Path, Path]:
         "max_steps": 2,
         "max_length": 256,
         "max_new_tokens": 16,
+        **EXACT,
     }
     instruct.train(load_config("instruct", overrides=chat))
     return folder / "spam-b", folder / "chat-b"

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_ft import bench, bench_inference, data, instruct, merge, models, spam, training
+from lora_ft import bench, bench_inference, data, hardware, instruct, merge, models, spam, training
 from lora_ft import report as lora_report
 from lora_ft.config import load_config
 from lora_ft.errors import UserError
 
-from .conftest import GPT2_TOKENIZER, PAIRS, tree_sha256, write_examples
+from .conftest import EXACT, GPT2_TOKENIZER, PAIRS, tree_sha256, write_examples
 
 ROWS = [
     ("the meeting moved to 3pm", "work"),
@@ -31,22 +31,22 @@ ROWS = [
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
-    assert training.resolve_precision("auto") == "bf16"
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
-    assert training.resolve_precision("auto") == "fp32"
-    assert training.resolve_precision("bf16") == "bf16"  # asked for: emulated, slower, but allowed
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert hardware.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert hardware.resolve_precision("auto") == "fp32"
+    assert hardware.resolve_precision("bf16") == "bf16"  # asked for: emulated, slower, but allowed
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
-        training.resolve_precision("fp16")
+        hardware.resolve_precision("fp16")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: False)
-    assert training.resolve_precision("auto") == "fp16"
+    assert hardware.resolve_precision("auto") == "fp16"
     with pytest.raises(UserError, match="Tesla T4 has no bf16"):
-        training.resolve_precision("bf16")
+        hardware.resolve_precision("bf16")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: True)
-    assert training.resolve_precision("auto") == "bf16"
+    assert hardware.resolve_precision("auto") == "bf16"
 
 
 def test_bad_precision_or_quantize_in_a_recipe(tmp_path: Path):
@@ -63,7 +63,8 @@ def _train_mail(tiny_gpt2: Path, folder: Path, recipe: Path | None = None, **ove
     folder.parent.mkdir(parents=True, exist_ok=True)
     csv_path = folder.parent / "mail.csv"
     csv_path.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in ROWS))
-    values = {"model": str(tiny_gpt2), "data": str(csv_path), "output": str(folder), "epochs": 1.0, **overrides}
+    values = {"model": str(tiny_gpt2), "data": str(csv_path), "output": str(folder), "epochs": 1.0}
+    values |= EXACT | overrides
     return spam.train(load_config("spam", recipe, overrides=values))
 
 
@@ -108,7 +109,7 @@ def test_bf16_run_is_recorded_and_tokens_are_counted(tiny_gpt2: Path, tmp_path: 
 def qlora_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
     before = tree_sha256(tiny_gpt2)
     output = tmp_path_factory.mktemp("qlora") / "spam-4bit"
-    values = {"model": str(tiny_gpt2), "output": str(output), "max_steps": 60, "quantize": "4bit"}
+    values = {"model": str(tiny_gpt2), "output": str(output), "max_steps": 60, "quantize": "4bit", **EXACT}
     return spam.train(load_config("spam", overrides=values)), before
 
 
