@@ -27,6 +27,20 @@ from . import files, hardware, models
 from .errors import UserError
 
 
+def bench_config(model: str, tokenizer: PreTrainedTokenizerBase, architecture: dict[str, Any] | None) -> Any:
+    """The transformers config `bench` trains: `model`'s architecture, `architecture`'s keys on top (tests)."""
+    import transformers
+
+    from .config import BENCH_MODELS
+
+    if model not in BENCH_MODELS:
+        raise UserError(f"`model` {model!r}: bench builds {', '.join(BENCH_MODELS)}")
+    name, keys = BENCH_MODELS[model]
+    return getattr(transformers, name)(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **keys | (architecture or {})
+    )
+
+
 @dataclass(frozen=True)
 class Setup:
     name: str
@@ -102,29 +116,32 @@ class StepTimer(TrainerCallback):
         return np.diff([self.start, *self.ends]).tolist()
 
 
-def flops_per_token(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str) -> float:
+def flops_per_token(trainer: Any, batch: dict[str, torch.Tensor], precision: str) -> float:
     """FLOPs of one forward + backward pass per (padded) token, counted by torch on `batch` (one row of the training
-    data, so that counting does not raise the peak memory measured). It counts what autograd runs: LoRA computes no
-    gradients for the frozen weights, full fine-tuning does."""
+    data, so that counting does not raise the peak memory measured) through the trainer's own loss. It counts what
+    autograd runs: LoRA computes no gradients for the frozen weights, full fine-tuning does; a fused LM head
+    (instruct) projects only the labelled positions."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    model = trainer.model
     device = next(model.parameters()).device
     dtype = hardware.compute_dtype(precision)
     counter = FlopCounterMode(display=False)
     with counter, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        trainer.compute_loss(model, {k: v.to(device) for k, v in batch.items()}).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch["input_ids"].numel()
 
 
-def matmul_shapes(hidden: int = 768, tokens: int = 2048) -> list[tuple[int, int, int]]:
-    """(tokens, in, out) of a GPT-2 block's four projections (c_attn, attention c_proj, c_fc, MLP c_proj): the
-    products that make up nearly all of a step's FLOPs."""
+def matmul_shapes(hidden: int = 768, intermediate: int | None = None, tokens: int = 2048) -> list[tuple[int, int, int]]:
+    """(tokens, in, out) of a block's projections (GPT-2's c_attn, attention c_proj, c_fc, MLP c_proj; a Llama's
+    fused-size q/k/v, o, up, down): the products that make up nearly all of a step's FLOPs."""
+    intermediate = intermediate or 4 * hidden
     return [
         (tokens, hidden, 3 * hidden),
         (tokens, hidden, hidden),
-        (tokens, hidden, 4 * hidden),
-        (tokens, 4 * hidden, hidden),
+        (tokens, hidden, intermediate),
+        (tokens, intermediate, hidden),
     ]
 
 
@@ -179,12 +196,13 @@ def measure(
     seed: int,
     architecture: dict[str, Any] | None = None,
     task: str = "spam",
+    bench_model: str = "gpt2",
 ) -> dict[str, Any]:
     """Train `setup` on `task`'s data for its steps in this process and measure it; run it in a fresh process (see
-    `run`). `architecture` changes GPT2Config's defaults (the 124M model), for tests."""
+    `run`). The model is `bench_model`'s architecture (`BENCH_MODELS`), `architecture` on top (tests)."""
     import transformers
     from peft import TaskType
-    from transformers import GPT2Config, set_seed
+    from transformers import set_seed
 
     from . import callbacks, methods, tasks, training
     from .config import load_config
@@ -198,7 +216,7 @@ def measure(
     tok = load_tokenizer(tokenizer)
     set_seed(seed)
     auto_class = getattr(transformers, entry.model_class)
-    model: Any = auto_class.from_config(GPT2Config(pad_token_id=tok.pad_token_id, **(architecture or {})))
+    model: Any = auto_class.from_config(bench_config(bench_model, tok, architecture))
     models.set_dropout(model, setup.model_dropout)
     precision = hardware.resolve_precision(setup.precision)
     if setup.engine_choices:  # as lora_ft's loaders hold a base (models._load_base)
@@ -225,18 +243,17 @@ def measure(
             disable_tqdm=True,
             logging_steps=steps,
         )
-        # Trainer for both tasks: instruct's rows are tokenized and masked as SFTTrainer does (instruct.encode), so
-        # a step computes what lora_ft's SFT step computes, without TRL's preprocessing in the timing.
-        trainer = training.ClassifierTrainer(
-            model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[timer]
-        )
+        # The task's own Trainer: instruct's rows are tokenized and masked as SFTTrainer does (instruct.encode), and
+        # its loss is SFTTrainer's, so a step computes what lora_ft's SFT step computes, without TRL's preprocessing.
+        trainer_class = entry.code().bench_trainer(model, setup.pad_to_longest)
+        trainer = trainer_class(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[timer])
         batches = list(trainer.get_train_dataloader())
         epoch = [callbacks.batch_tokens(batch) for batch in batches]
         trainer.remove_callback(PrinterCallback)  # Trainer prints its logs when there is no progress bar
         # FLOPs per token of a typical row (the median-length one), as padded in this setup
         median = sorted(range(len(train)), key=lambda i: len(train[i]["input_ids"]))[len(train) // 2]
         one = collator([train[median]])
-        flops = flops_per_token(trainer.model, dict(one), precision)
+        flops = flops_per_token(trainer, dict(one), precision)
         if setup.compile:  # after counting, which runs the blocks under a dispatch mode
             training.compile_blocks(model)
         trainer.train()
@@ -250,6 +267,7 @@ def measure(
         "device": str(args.device),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "task": task,
+        "bench_model": bench_model,
         "pad_to": max(batch["input_ids"].shape[1] for batch in batches) if setup.pad_to_longest else None,
         "steps_run": len(durations),
         "steps_timed": len(durations[timed]),
@@ -344,24 +362,28 @@ def run(
     initializer: Callable[[], None] | None = None,
     architecture: dict[str, Any] | None = None,
     task: str = "spam",
+    bench_model: str = "gpt2",
 ) -> dict[str, Any]:
-    """Measure the machine's matmul peaks, then every setup of `task` and the course's code (when installed, and
-    where the task has it as a peer), each in a fresh process (started with `initializer`), and compare: lora_ft's
-    speedup over the naive path and over the course (seconds per epoch), its model-FLOP utilisation, and its peak
-    memory against full fine-tuning."""
+    """Measure the machine's matmul peaks, then every setup of `task` on `bench_model`'s architecture and the
+    course's code (when installed, and where the task and model have it as a peer), each in a fresh process (started
+    with `initializer`), and compare: lora_ft's speedup over the naive path and over the course (seconds per epoch),
+    its model-FLOP utilisation, and its peak memory against full fine-tuning."""
     from . import course, tasks
 
-    load_tokenizer(tokenizer)  # fail here, not in a worker
-    hidden = (architecture or {}).get("n_embd", 768)
+    shape = bench_config(bench_model, load_tokenizer(tokenizer), architecture)  # fails here, not in a worker
+    hidden, intermediate = shape.hidden_size, getattr(shape, "intermediate_size", None) or shape.n_inner
     precisions = {"fp32": torch.float32, "bf16": torch.bfloat16} | (
         {"fp16": torch.float16} if torch.cuda.is_available() else {}
     )
-    peaks = {name: matmul_peak(dtype, matmul_shapes(hidden))["gflops_per_second"] for name, dtype in precisions.items()}
+    shapes = matmul_shapes(hidden, intermediate)
+    peaks = {name: matmul_peak(dtype, shapes)["gflops_per_second"] for name, dtype in precisions.items()}
     results = {}
     jobs: dict[str, Callable[[], Any]] = {
-        s.name: partial(measure, s, tokenizer, data, seed, architecture, task) for s in setups(quick, task)
+        s.name: partial(measure, s, tokenizer, data, seed, architecture, task, bench_model) for s in setups(quick, task)
     }
     missing = course.available() if tasks.get(task).code().COURSE_PEER else f"the course has no LoRA code for {task}"
+    if bench_model != "gpt2":
+        missing = "the course's LoRA code builds GPT-2 only"
     if missing is None:
         jobs["course"] = partial(measure_course, quick, tokenizer, data, seed, architecture)
     for name, job in jobs.items():
@@ -374,7 +396,8 @@ def run(
     return {
         "quick": quick,
         "task": task,
-        "model": f"GPT-2 architecture {architecture or '124M'}, random weights",
+        "model": f"{bench_model} architecture{f' {architecture}' if architecture else ''}, random weights",
+        "bench_model": bench_model,
         "machine": machine() | {"matmul_peak_gflops_per_second": peaks},
         "setups": results,
         "mfu": ours["mfu"],

@@ -70,6 +70,11 @@ def bench_data(train: Dataset, tokenizer: PreTrainedTokenizerBase, config: RunCo
     return encoded, DataCollatorWithPadding(tokenizer, padding="max_length", max_length=COURSE_WIDTH)
 
 
+def bench_trainer(model: torch.nn.Module, pad_to_longest: bool) -> type[Trainer]:
+    """The Trainer `bench` times: the one `train` uses."""
+    return training.ClassifierTrainer
+
+
 def longer(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[bool]:
     """Which texts are longer than `max_length` tokens: the model sees only their first `max_length`."""
     return [len(ids) > max_length for ids in tokenizer(list(texts))["input_ids"]]

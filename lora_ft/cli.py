@@ -303,7 +303,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print(report.inference_summary(figures))
     else:
         quiet = None if args.debug else progress.quiet_libraries  # each setup runs in a fresh process, set up by this
-        figures = bench.run(args.quick, args.tokenizer, args.data, args.seed, quiet, task=args.task)
+        figures = bench.run(
+            args.quick, args.tokenizer, args.data, args.seed, quiet, task=args.task, bench_model=args.model
+        )
         print(report.bench_table(figures))
         if args.quick:
             print("* seconds per epoch extrapolated from the timed steps (fit of seconds against tokens per step)")

@@ -30,6 +30,19 @@ FALLBACK_RECIPES: dict[str, dict[str, Any]] = {
     "spam": {"model": FALLBACK_MODEL, "epochs": 1.0},
     "instruct": {"model": FALLBACK_MODEL, "epochs": 1.0, "test_limit": 20},
 }
+# The architectures `bench --model` builds with random weights (no download): each transformers config class and
+# the keys that make it the named model. The vocabulary is the tokenizer's (GPT-2's unless `--tokenizer`).
+BENCH_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("GPT2Config", {}),  # GPT2Config's defaults are GPT-2 124M's
+    "smollm2-135m": (
+        "LlamaConfig",
+        {
+            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+            "num_key_value_heads": 3, "max_position_embeddings": 8192, "rope_theta": 100000.0,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        },
+    ),
+}  # fmt: skip
 QUANTIZE = ("4bit", "8bit")
 METHODS = ("lora", "dora", "ia3", "vera", "full")  # what each is and can do: methods.METHODS
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")

@@ -7,7 +7,7 @@ import typing
 from typing import Any
 
 from . import tasks
-from .config import RunConfig, ServeLimits, settings, task_defaults
+from .config import BENCH_MODELS, RunConfig, ServeLimits, settings, task_defaults
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--task", choices=tasks.NAMES, default="spam", help="the task whose training is measured (default: spam)"
+    )
+    bench.add_argument(
+        "--model",
+        choices=tuple(BENCH_MODELS),
+        default="gpt2",
+        help="the architecture trained, with random weights (no download; default: gpt2, GPT-2 124M)",
     )
     bench.add_argument("--json", help="also write the figures to this JSON file")
     bench.add_argument("--tokenizer", help="GPT-2 tokenizer: Hub id or folder (default: the copy shipped with lora_ft)")

@@ -46,6 +46,9 @@ class TaskModule(Protocol):
         """`bench`'s training rows (tokenized, with labels) and their collator: padded per batch as training pads
         them, or every row to the longest (the naive baseline)."""
 
+    def bench_trainer(self, model: Any, pad_to_longest: bool) -> type:
+        """The Trainer class `bench` times on `bench_data`'s rows: as the task trains, or the naive baseline's."""
+
 
 @dataclass(frozen=True)
 class Task:

@@ -214,3 +214,39 @@ def test_generate_names_the_bad_line_of_a_file(instruct_run, tmp_path: Path, mon
     monkeypatch.setattr("sys.stdin", io.StringIO(requests.read_text().splitlines()[0]))
     assert cli.main(["generate", str(result.adapter_dir), "--file", "-"]) == 0
     assert capsys.readouterr().out.strip() == "Paris."
+
+
+def test_cpu_loss_at_labelled_positions_is_sfttrainers(tiny_gpt2: Path, tmp_path: Path):
+    """On the CPU lora_ft's SFT step runs the LM head only where a next token is trained: the same loss and the
+    same gradients as TRL's own SFTTrainer loss, which scores every position there."""
+    from trl import SFTTrainer
+
+    from lora_ft import methods, training
+
+    from .conftest import write_examples
+
+    values = {"model": str(tiny_gpt2), "data": str(write_examples(tmp_path / "four.json")), "max_length": 256}
+    config = load_config("instruct", overrides=values | {"precision": "fp32", "lora_dropout": 0.0})
+    source = models.resolve_model(config.model)
+    tokenizer = models.load_tokenizer(source)
+    base = models.load_causal_base(source, tokenizer)
+    models.set_dropout(base, 0.0)  # the same function twice
+    train = instruct.prompt_completion(instruct.load_splits(config)[1]["train"], tokenizer.eos_token)
+    trainer = instruct.build_trainer(config, base, tokenizer, train, train, tmp_path / "out", "fp32")
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.train()
+    assert methods.of(config).adapter and isinstance(trainer, training.Resumable)
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute(model, dict(batch))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ours, our_grads = loss_and_grads(trainer.compute_loss)
+    theirs, their_grads = loss_and_grads(lambda m, b: SFTTrainer.compute_loss(trainer, m, b))
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    for a, b in zip(our_grads, their_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < labelled < batch["labels"].numel() / 2  # the prompt's positions, most of a row, were not projected

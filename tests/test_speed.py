@@ -226,6 +226,26 @@ def test_bench_measures_instruct_training(tmp_path: Path):
     assert naive["pad_to"] == longest and naive["padded_tokens_per_epoch"] == 17 * longest
     assert lora_ft["real_tokens_per_epoch"] == naive["real_tokens_per_epoch"] < naive["padded_tokens_per_epoch"]
     assert lora_ft["flops_per_padded_token"] > 0 and lora_ft["lora_dropout"] == 0.05  # instruct's recipe
+    # SFTTrainer's fused LM head projects only the labelled positions; the naive path computes every position's
+    # logits (the tiny model's 50,257 x 64 head outweighs its blocks)
+    assert lora_ft["flops_per_padded_token"] < 0.8 * naive["flops_per_padded_token"]
+
+
+def test_bench_builds_smollm2s_architecture():
+    """`bench --model smollm2-135m`: SmolLM2's architecture with random weights (a narrow one here), LoRA on its
+    seven projections, the vocabulary the tokenizer's."""
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    setup = replace(bench.setups(True)[0], warmup_steps=1, timed_steps=2)
+    result = bench.measure(
+        setup, str(GPT2_TOKENIZER), None, 123, tiny | {"num_key_value_heads": 2}, "spam", "smollm2-135m"
+    )
+    assert result["bench_model"] == "smollm2-135m" and result["steps_timed"] == 2
+    per_layer = 2 * 16 * (64 + 64) + 2 * 16 * (64 + 32) + 16 * (64 + 128) * 3  # q, o; k, v; gate, up, down (r 16)
+    assert result["trainable_parameters"] == 2 * per_layer + 64 * 2  # and the 2-label head
+    config = bench.bench_config("smollm2-135m", bench.load_tokenizer(str(GPT2_TOKENIZER)), None)
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (576, 30, 50257)
+    with pytest.raises(UserError, match="bench builds gpt2, smollm2-135m"):
+        bench.bench_config("llama-7b", bench.load_tokenizer(str(GPT2_TOKENIZER)), None)
 
 
 def _dropout_rates(model: torch.nn.Module) -> tuple[set[float], set[float]]:
