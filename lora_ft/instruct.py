@@ -101,35 +101,12 @@ def bench_data(
     return dataset, DataCollatorForSeq2Seq(tokenizer, padding=padding, max_length=longest, label_pad_token_id=-100)
 
 
-def labelled_positions_loss(
-    trainer: Trainer, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, return_outputs: bool = False
-) -> Any:
-    """SFTTrainer's loss (mean cross-entropy of the trained next tokens) with the LM head run only at the positions
-    whose next token is trained: transformers' `logits_to_keep` as a mask, in the run's compute dtype. TRL 1.16's
-    fused head does that on GPUs; on a CPU it scores every position, its products in float32, and the head (49k or
-    50k rows) is then much of an instruct step. A prompt's positions are most of a row here."""
-    labels = inputs["labels"]
-    targets = labels[:, 1:]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = targets != -100
-    rest = {key: value for key, value in inputs.items() if key != "labels"}
-    outputs = model(**rest, use_cache=False, logits_to_keep=keep)
-    total = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[targets != -100], reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-    loss = total / torch.as_tensor(count, device=total.device).clamp(min=1)
-    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
-        loss = loss * trainer.accelerator.num_processes  # as SFTTrainer: DDP averages the gradients across processes
-    return (loss, outputs) if return_outputs else loss
-
-
-def _on_cpu(model: Any) -> bool:
-    return next(model.parameters()).device.type == "cpu"
-
-
 class InstructTrainer(training.Resumable, SFTTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
-        if _on_cpu(model) and model.training:  # evaluation keeps SFTTrainer's own (and its metrics)
-            return labelled_positions_loss(self, model, inputs, kwargs.get("num_items_in_batch"), return_outputs)
+        if training.on_cpu(model) and model.training:  # evaluation keeps SFTTrainer's own (and its metrics)
+            return training.labelled_positions_loss(
+                self, model, inputs, kwargs.get("num_items_in_batch"), return_outputs
+            )
         return super().compute_loss(model, inputs, return_outputs, **kwargs)
 
 
@@ -138,8 +115,10 @@ class FusedHeadTrainer(training.Resumable, Trainer):
     head), on rows encoded as SFTTrainer encodes them (`bench_data`), without TRL's dataset preparation timed."""
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
-        if _on_cpu(model):
-            return labelled_positions_loss(self, model, inputs, kwargs.get("num_items_in_batch"), return_outputs)
+        if training.on_cpu(model):
+            return training.labelled_positions_loss(
+                self, model, inputs, kwargs.get("num_items_in_batch"), return_outputs
+            )
         outputs = model(**inputs, use_cache=False, fused_lm_head=True)
         loss = -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1)
         return (loss, outputs) if return_outputs else loss

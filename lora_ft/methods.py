@@ -85,13 +85,11 @@ def peft_config(model: torch.nn.Module, task_type: TaskType, config: RunConfig) 
     others; None for full fine-tuning."""
     from peft import IA3Config, LoftQConfig, LoraConfig, VeraConfig
 
-    from . import models
-
     check(config)
     method = of(config)
     if not method.adapter:
         return None
-    targets, conv1d = models.chosen_targets(model, config)
+    targets, conv1d = chosen_targets(model, config)
     if method.name == "ia3":
         # IA3 scales a feed-forward layer's input and any other layer's output. PEFT requires its feed-forward
         # names to be among the target names, so both name a layer with its parent: "mlp.c_proj", "attn.c_proj".
@@ -226,3 +224,37 @@ def section(model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
         if isinstance(peft, LoraConfig):
             found |= {"r": peft.r, "use_rslora": peft.use_rslora, "init_lora_weights": config.init_lora_weights}
     return found | {"trainable_parameters": trained, "total_parameters": total}
+
+
+def lora_targets(model: torch.nn.Module) -> tuple[list[str], bool]:
+    """Names of the linear projections inside the transformer blocks (attention and MLP), and whether they
+    are GPT-2-style `Conv1D` layers, whose weights are stored transposed (`fan_in_fan_out=True`)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from .models import HEAD_NAMES
+
+    names: set[str] = set()
+    conv1d = False
+    for full_name, module in model.named_modules():
+        leaf = full_name.rsplit(".", 1)[-1]
+        if leaf in HEAD_NAMES or not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        names.add(leaf)
+        conv1d |= isinstance(module, Conv1D)
+    if not names:
+        raise UserError(f"{type(model).__name__}: found no linear layers to attach LoRA to; pass `target_modules`")
+    return sorted(names), conv1d
+
+
+def chosen_targets(model: torch.nn.Module, config: RunConfig) -> tuple[list[str], bool]:
+    """The layers to adapt: `config.target_modules`, checked to be in the model, else the architecture's
+    projections (`lora_targets`); and whether they are Conv1D layers."""
+    found, conv1d = lora_targets(model)
+    targets = config.target_modules
+    if targets:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        unknown = [t for t in targets if t not in present]
+        if unknown:
+            raise UserError(f"`target_modules`: {unknown} not in {type(model).__name__} (it has {found})")
+    return targets or found, conv1d

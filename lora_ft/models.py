@@ -29,10 +29,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.pytorch_utils import Conv1D
 
 from . import files, hardware, progress
-from .config import FALLBACK_MODEL, RunConfig
+from .config import FALLBACK_MODEL
 from .errors import UserError
 from .files import cache_dir, offline, read_json_object, write_json_atomically
 
@@ -345,35 +344,6 @@ def set_dropout(model: PreTrainedModel, p: float | None) -> None:
             module.p = p
         elif isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = p
-
-
-def lora_targets(model: torch.nn.Module) -> tuple[list[str], bool]:
-    """Names of the linear projections inside the transformer blocks (attention and MLP), and whether they
-    are GPT-2-style `Conv1D` layers, whose weights are stored transposed (`fan_in_fan_out=True`)."""
-    names: set[str] = set()
-    conv1d = False
-    for full_name, module in model.named_modules():
-        leaf = full_name.rsplit(".", 1)[-1]
-        if leaf in HEAD_NAMES or not isinstance(module, (torch.nn.Linear, Conv1D)):
-            continue
-        names.add(leaf)
-        conv1d |= isinstance(module, Conv1D)
-    if not names:
-        raise UserError(f"{type(model).__name__}: found no linear layers to attach LoRA to; pass `target_modules`")
-    return sorted(names), conv1d
-
-
-def chosen_targets(model: torch.nn.Module, config: RunConfig) -> tuple[list[str], bool]:
-    """The layers to adapt: `config.target_modules`, checked to be in the model, else the architecture's
-    projections (`lora_targets`); and whether they are Conv1D layers."""
-    found, conv1d = lora_targets(model)
-    targets = config.target_modules
-    if targets:
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        unknown = [t for t in targets if t not in present]
-        if unknown:
-            raise UserError(f"`target_modules`: {unknown} not in {type(model).__name__} (it has {found})")
-    return targets or found, conv1d
 
 
 def weights_sha256(folder: Path, gguf_file: str | None = None) -> str:

@@ -246,6 +246,31 @@ class ClassifierTrainer(Resumable, Trainer):
     pass
 
 
+def labelled_positions_loss(
+    trainer: Trainer, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, return_outputs: bool = False
+) -> Any:
+    """SFTTrainer's loss (mean cross-entropy of the trained next tokens) with the LM head run only at the positions
+    whose next token is trained: transformers' `logits_to_keep` as a mask, in the run's compute dtype. TRL 1.16's
+    fused head does that on GPUs; on a CPU it scores every position, its products in float32, and the head (49k or
+    50k rows) is then much of an instruct step. A prompt's positions are most of a row here."""
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets != -100
+    rest = {key: value for key, value in inputs.items() if key != "labels"}
+    outputs = model(**rest, use_cache=False, logits_to_keep=keep)
+    total = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[targets != -100], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    loss = total / torch.as_tensor(count, device=total.device).clamp(min=1)
+    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * trainer.accelerator.num_processes  # as SFTTrainer: DDP averages the gradients across processes
+    return (loss, outputs) if return_outputs else loss
+
+
+def on_cpu(model: Any) -> bool:
+    return next(model.parameters()).device.type == "cpu"
+
+
 def training_args(
     config: RunConfig,
     output_dir: Path,

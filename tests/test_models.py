@@ -32,7 +32,7 @@ def test_aliases_and_sources(tiny_gpt2: Path, tmp_path: Path):
 
 def test_gpt2_targets_are_conv1d_projections(tiny_gpt2: Path):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=2)
-    assert models.lora_targets(model) == (["c_attn", "c_fc", "c_proj"], True)
+    assert methods.lora_targets(model) == (["c_attn", "c_fc", "c_proj"], True)
 
 
 def test_other_architectures_get_attention_and_mlp_projections():
@@ -46,7 +46,7 @@ def test_other_architectures_get_attention_and_mlp_projections():
         num_labels=2,
     )
     model = LlamaForSequenceClassification(config)
-    targets, fan_in_fan_out = models.lora_targets(model)
+    targets, fan_in_fan_out = methods.lora_targets(model)
     assert targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert fan_in_fan_out is False
     lora = methods.peft_config(model, "SEQ_CLS", RunConfig(lora_r=4, target_modules=["q_proj", "v_proj"]))
