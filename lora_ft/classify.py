@@ -19,7 +19,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import adapters, callbacks, data, files, hardware, methods, models, plots, report, runs, training
+from . import adapters, callbacks, data, files, methods, models, plots, report, runs, training
 from .config import RunConfig
 from .errors import UserError
 from .manifest import Manifest
@@ -123,8 +123,7 @@ def predict_logits(
             data_collator=DataCollatorWithPadding(tokenizer),
             callbacks=[callbacks.PredictionProgress(desc)],
         )
-        with hardware.inference(model):
-            logits = _logits(trainer.predict(rows).predictions)
+        logits = _logits(trainer.predict(rows).predictions)
     return logits[np.argsort(order)]
 
 
@@ -245,7 +244,7 @@ def classify_batch(
     """`texts` labelled in one forward pass by an adapter already loaded (`serve`'s batches), padded on the right
     and cut at `max_length` tokens as `predict` does."""
     inputs = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    with torch.no_grad(), hardware.inference(model):
+    with torch.no_grad():
         logits = model(**inputs.to(next(model.parameters()).device)).logits.float().cpu()
     return _predictions(texts, logits, names, longer(texts, tokenizer, max_length))
 

@@ -4,9 +4,8 @@ measured (docs/benchmark.md): what did not pay is not here."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+import types
 from typing import Any
 
 import torch
@@ -57,16 +56,26 @@ def holds_base_in_bf16(precision: str, trains_base: bool, quantize: str | None) 
     return precision == "bf16" and not trains_base and quantize is None
 
 
+HELD_IN_BF16 = "_lora_ft_held_in_bf16"  # marks a model `hold_in_bf16` made
+
+
 def hold_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` cast to bf16, with GPT-2's tanh-GELU as torch's one kernel (transformers' `GELUTanh`: the same
-    function, computed in one pass instead of eight element-wise ones; within bf16's rounding of the original)."""
+    """`model` cast to bf16, its forward pass always under bf16 autocast (training, scoring, `generate`, and a
+    Python user's own calls alike: its float32 adapter and head then compute in bf16 as in training), with GPT-2's
+    tanh-GELU as torch's one kernel (transformers' `GELUTanh`: the same function, computed in one pass instead of
+    eight element-wise ones; within bf16's rounding of the original)."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is NewGELUActivation:
                 setattr(parent, name, GELUTanh())
-    return model.to(torch.bfloat16)
+    model = model.to(torch.bfloat16)
+    device = next(model.parameters()).device.type
+    # as accelerate wraps a forward; bound to the model, so that a deep copy's forward is the copy's own
+    model.forward = types.MethodType(torch.autocast(device, dtype=torch.bfloat16)(type(model).forward), model)
+    setattr(model, HELD_IN_BF16, True)
+    return model
 
 
 def trainables_in_float32(model: torch.nn.Module) -> None:
@@ -90,16 +99,8 @@ def skip_input_casts(model: torch.nn.Module) -> None:
 
 
 def base_is_bf16(model: torch.nn.Module) -> bool:
-    return any(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
-
-
-@contextlib.contextmanager
-def inference(model: torch.nn.Module) -> Iterator[None]:
-    """Inference as the model was trained: under bf16 autocast when its base is held in bf16 (its float32 adapter
-    and head then compute in bf16 too, as in training), else as it is."""
-    device = next(model.parameters()).device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=base_is_bf16(model)):
-        yield
+    """Whether `model` (or the base inside a PEFT model) was held in bf16 by `hold_in_bf16`."""
+    return any(getattr(module, HELD_IN_BF16, False) for module in model.modules())
 
 
 def choose_attention(model: torch.nn.Module) -> None:

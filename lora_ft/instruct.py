@@ -17,7 +17,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedToke
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
-from . import adapters, chat, data, hardware, methods, models, progress, report, runs, training
+from . import adapters, chat, data, methods, models, progress, report, runs, training
 from .config import RunConfig
 from .errors import UserError
 from .manifest import Manifest
@@ -178,7 +178,7 @@ def response_loss(
         batch = encoded[start : start + batch_size]
         ids = _pad([torch.tensor(i) for i, _ in batch], tokenizer.pad_token_id).to(device)
         labels = _pad([torch.tensor(label) for _, label in batch], -100).to(device)
-        with torch.no_grad(), hardware.inference(model):
+        with torch.no_grad():
             mask = _pad([torch.ones(len(i), dtype=torch.long) for i, _ in batch], 0).to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits
         total += torch.nn.functional.cross_entropy(
@@ -249,7 +249,7 @@ def generate_batch(
     budget = min(max_new_tokens, context - width) if context else max_new_tokens
     if budget <= 0:
         raise UserError(f"a prompt of {width} tokens leaves no room to answer within {context} tokens")
-    with torch.no_grad(), hardware.inference(model):
+    with torch.no_grad():
         output = model.generate(
             **inputs,
             max_new_tokens=budget,

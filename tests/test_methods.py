@@ -17,7 +17,7 @@ from lora_ft import adapters, instruct, merge, methods, serve, spam
 from lora_ft.config import load_config
 from lora_ft.errors import UserError
 
-from .conftest import run_cli, write_examples
+from .conftest import EXACT, run_cli, write_examples
 
 TEXTS = ["WINNER! Claim your free prize now", "see you at lunch tomorrow?", "Call 0800 to win cash"]
 
@@ -44,7 +44,9 @@ def _logits(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor
 def _train_spam(tiny_gpt2: Path, data: Path, output: Path, **overrides):
     config = load_config(
         "spam",
-        overrides={"model": str(tiny_gpt2), "data": str(data), "output": str(output), "max_steps": 3} | overrides,
+        overrides={"model": str(tiny_gpt2), "data": str(data), "output": str(output), "max_steps": 3}
+        | EXACT
+        | overrides,
     )
     return spam.train(config)
 
@@ -118,6 +120,7 @@ def test_instruct_methods(tiny_gpt2: Path, tmp_path: Path, method: str):
         "max_new_tokens": 4,
         "max_length": 256,
         "lr": 1e-3,
+        **EXACT,
     }
     result = instruct.train(load_config("instruct", overrides=overrides))
     folder = result.adapter_dir

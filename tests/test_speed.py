@@ -130,7 +130,9 @@ def test_qlora_adapter_is_evaluated_on_its_4bit_base(qlora_run):
     result, _ = qlora_run
     recomputed, manifest = spam.evaluate(result.adapter_dir)
     assert recomputed["accuracy"] == manifest["metrics"]["test"]["accuracy"]
-    assert recomputed["loss"] == pytest.approx(manifest["metrics"]["test"]["loss"], abs=1e-6)
+    # bitsandbytes' 4-bit CPU kernels do not give the same bits call after call on every CPU (2e-5 apart on an AMX
+    # Xeon, float32 arithmetic): the same labels, a loss within 1e-4
+    assert recomputed["loss"] == pytest.approx(manifest["metrics"]["test"]["loss"], abs=1e-4)
     loaded = spam.load(result.adapter_dir)
     assert isinstance(loaded.model.base_model.model.transformer.h[0].mlp.c_fc.base_layer, bnb.nn.Linear4bit)
 
