@@ -67,7 +67,7 @@ def check_same_test_split(a: Manifest, b: Manifest, names: tuple[str, str]) -> N
     """Refuse, in one line, two adapters whose test examples differ (another task, data file, seed, split, or number
     of test examples scored)."""
     if a.task != b.task:
-        raise UserError(f"{names[0]} ({a.task}) and {names[1]} ({b.task}) are adapters of two tasks: nothing to compare")
+        raise UserError(f"{names[0]} ({a.task}) and {names[1]} ({b.task}) are adapters of two tasks: no comparison")
     for key in TEST_SPLIT:
         if a.data.get(key) != b.data.get(key):
             raise UserError(

@@ -44,28 +44,26 @@ def test_vectorised_f1_is_sklearns():
 def test_f1_interval_is_scipys_bootstrap_of_sklearns_f1():
     """The same resamples through scipy's own (unvectorised) loop and sklearn's F1: the same interval."""
     labels, predictions = _labels(3)
-    reference = scipy_stats.bootstrap(
-        (labels, predictions),
-        lambda y, p: f1_score(y, p),
-        paired=True,
-        vectorized=False,
-        n_resamples=2000,
-        method="percentile",
-        rng=np.random.default_rng(stats.SEED),
-    ).confidence_interval
-    mine = scipy_stats.bootstrap(
-        (labels, predictions),
-        lambda y, p, axis=-1: stats.f1_score(y, p, 2, axis),
-        paired=True,
-        vectorized=True,
-        n_resamples=2000,
-        method="percentile",
-        rng=np.random.default_rng(stats.SEED),
-    ).confidence_interval
-    assert [mine.low, mine.high] == pytest.approx([reference.low, reference.high], abs=1e-12)
-    interval = stats.f1_interval(labels, predictions, 2)
-    assert interval[0] < f1_score(labels, predictions) < interval[1]
-    assert stats.f1_interval(labels, predictions, 2) == interval  # a fixed seed: the same figure every time
+
+    def interval(statistic, vectorized: bool, resamples: int = 2000) -> list[float]:
+        found = scipy_stats.bootstrap(
+            (labels, predictions),
+            statistic,
+            paired=True,
+            vectorized=vectorized,
+            n_resamples=resamples,
+            method="percentile",
+            rng=np.random.default_rng(stats.SEED),
+        ).confidence_interval
+        return [found.low, found.high]
+
+    reference = interval(lambda y, p: f1_score(y, p), vectorized=False)
+    vectorised = lambda y, p, axis=-1: stats.f1_score(y, p, 2, axis)  # noqa: E731
+    assert interval(vectorised, vectorized=True) == pytest.approx(reference, abs=1e-12)
+    found = stats.f1_interval(labels, predictions, 2)  # the same bootstrap, with lora_ft's resamples
+    assert found == pytest.approx(interval(vectorised, True, stats.RESAMPLES), abs=1e-12)
+    assert found[0] < f1_score(labels, predictions) < found[1]
+    assert stats.f1_interval(labels, predictions, 2) == found  # a fixed seed: the same figure every time
 
 
 def test_mean_interval_near_the_normal_one_for_many_examples():
