@@ -290,18 +290,19 @@ def _table(rows: list[dict[str, Any]], key: str, front: list[str] | None, seeds:
     from .report import interval, size
 
     val_key = next((k for k in rows[0] if k.startswith("val_") and not k.endswith(("_std", "_ci95"))), "val")
-    metrics = [val_key, f"{val_key} 95% CI", key, f"{key} 95% CI"] if seeds else [val_key, key]
+    metrics = [f"{val_key} mean ± std", f"{val_key} 95% CI", f"{key} mean ± std", f"{key} 95% CI"]
+    metrics = metrics if seeds else [val_key, key]
     head = ["run", "method", "r", *(["seeds"] if seeds else []), *metrics, "trainable params", "weights"]
     head += ["s / epoch", "peak RSS", *(["Pareto"] if front is not None else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         figures = [_number(r.get(val_key)), _number(r.get(key))]
-        if seeds:
-            figures = [
-                f"{_number(r.get(k))} ± {_number(r.get(f'{k}_std'))}" if i % 2 == 0 else interval(r.get(f"{k}_ci95"))
+        if seeds:  # each metric as mean ± std, then its interval
+            spread = [
+                (f"{_number(r.get(k))} ± {_number(r.get(f'{k}_std'))}", interval(r.get(f"{k}_ci95")))
                 for k in (val_key, key)
-                for i in range(2)
             ]
+            figures = [cell for pair in spread for cell in pair]
         cells = [r["name"], r["method"], r["lora_r"] if r["lora_r"] is not None else "-"]
         cells += [len(r["seeds"])] if seeds else []
         cells += [*figures, f"{r['trainable_parameters']:,}", size(r["weights_bytes"])]

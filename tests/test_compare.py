@@ -115,7 +115,9 @@ def test_compare_seeds_writes_mean_std_interval_and_per_seed_rows(tiny_gpt2: Pat
     assert results["pareto"] == compare.pareto(results["runs"], "test_accuracy")
     table = (output / "results.md").read_text()
     head = table.splitlines()[0]
-    assert head.startswith("| run | method | r | seeds | val_accuracy | val_accuracy 95% CI | test_accuracy |")
+    assert head.startswith(
+        "| run | method | r | seeds | val_accuracy mean ± std | val_accuracy 95% CI | test_accuracy mean"
+    )
     ia3 = configurations["ia3"]
     assert f"| ia3 | ia3 | - | 2 | {ia3['val_accuracy']:.4f} ± {ia3['val_accuracy_std']:.4f} |" in table
     assert "Each seed's run:" in table and "| ia3-seed124 | ia3 | - |" in table
