@@ -284,8 +284,8 @@ def score_responses(
 def score_test(loaded: adapters.Loaded, test: Dataset, config: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The test metrics of a loaded adapter on the examples it was scored on in training (the first `test_limit`),
     answered as then, and each example's scores."""
-    test = chat.prepare(DatasetDict(train=test, test=test), loaded.tokenizer)[0]["test"]
     test = test.select(range(min(config.test_limit or len(test), len(test))))
+    test = chat.prepare(DatasetDict(train=test), loaded.tokenizer)[0]["train"]  # conversations: their prompts
     metrics, _, scores = score_responses(loaded.model, loaded.tokenizer, test, config)
     return metrics, scores
 
