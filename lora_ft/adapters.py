@@ -160,6 +160,7 @@ class Listed:
     created: str | None = None
     metric: str | None = None
     value: float | None = None
+    interval: list[float] | None = None  # the test metric's 95% interval (its `_ci95` in the manifest), if recorded
     size_bytes: int = 0
     problem: str | None = None
     state: str | None = None  # a training run's: "PID N" when running, else the step it can resume from, if any
@@ -203,6 +204,7 @@ def describe_folder(folder: Path) -> Listed:
         listed.created = _text(merge.get("created") if merge else manifest.created, "created", optional=True)
         listed.base = base_name(merge["base"] if merge else manifest.base)
         listed.value = manifest.test_metric(listed.metric)
+        listed.interval = manifest.test_interval(listed.metric)
     except UserError as e:
         listed.problem = str(e)
     except (KeyError, TypeError, AttributeError) as e:

@@ -19,7 +19,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import adapters, callbacks, data, files, methods, models, plots, report, runs, training
+from . import adapters, callbacks, data, evaluation, methods, models, plots, report, runs, stats, training
 from .config import RunConfig
 from .errors import UserError
 from .manifest import Manifest
@@ -34,6 +34,10 @@ SAMPLE_TEXTS = [
 
 COURSE_PEER = True  # the course's appendix-E LoRA code classifies SMS spam: `bench`'s peer (course.py)
 COURSE_WIDTH = 120  # the tokens the course pads every SMS to (`bench`'s naive baseline pads to it too)
+EVAL_COLUMNS = report.METRIC_COLUMNS  # what `eval` shows
+# `eval A B`'s paired tests (evaluation.compare_pair): accuracy by McNemar's exact test on each message right or
+# wrong; the loss by a paired bootstrap of each message's log loss.
+PAIRED = {"accuracy": ("mcnemar", ("correct",)), "loss": ("mean", ("log_loss",))}
 
 
 @dataclass
@@ -81,7 +85,8 @@ def longer(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
 
 
 def classification_metrics(labels: np.ndarray, logits: np.ndarray, names: list[str]) -> dict[str, Any]:
-    """Accuracy, precision/recall/F1 (of label 1 for two classes, macro-averaged for more), loss, confusion."""
+    """Accuracy, precision/recall/F1 (of label 1 for two classes, macro-averaged for more), loss, confusion; accuracy
+    with its Wilson 95% interval and F1 with a bootstrap one over the examples (`stats`)."""
     predictions = logits.argmax(-1)
     ids = list(range(len(names)))
     average = "binary" if len(names) == 2 else "macro"
@@ -91,9 +96,11 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray, names: list[s
     probabilities = torch.softmax(torch.from_numpy(logits).double(), -1).numpy()
     return {
         "accuracy": float(accuracy_score(labels, predictions)),
+        "accuracy_ci95": stats.wilson(int((predictions == labels).sum()), len(labels)),
         "precision": float(precision),
         "recall": float(recall),
         "f1": float(f1),
+        "f1_ci95": stats.f1_interval(labels, predictions, len(names)),
         "loss": float(log_loss(labels, probabilities, labels=ids)),
         "positive_label": names[1] if average == "binary" else None,
         "confusion_matrix": confusion_matrix(labels, predictions, labels=ids).tolist(),
@@ -258,27 +265,20 @@ def _predictions(texts: list[str], logits: torch.Tensor, names: list[str], cut: 
 
 
 def evaluate(adapter: str | Path, force: bool = False) -> tuple[dict[str, Any], Manifest]:
-    """Rebuild the adapter's test split from its manifest and recompute the test metrics.
+    """Rebuild the adapter's test split from its manifest and recompute the test metrics (`evaluation.evaluate`).
     Returns (recomputed test metrics, manifest)."""
-    manifest = adapters.read_manifest(adapter)
-    config = manifest.run_config
-    data_path, splits = load_splits(config, manifest.fractions)
-    if files.sha256_file(data_path) != manifest.data["sha256"]:
-        raise UserError(f"{data_path}: not the data this adapter was trained on (sha256 differs from the manifest)")
-    sizes = {split: len(splits[split]) for split in data.SPLITS}
-    if sizes != manifest.data["split_sizes"]:
-        raise UserError(f"{adapter}: rebuilt split sizes {sizes} differ from the manifest's")
-    loaded = load(adapter, force=force)
-    names = splits["test"].features["label"].names
-    test = tokenize(splits["test"], loaded.tokenizer, config.max_length)
-    logits = predict_logits(loaded.model, loaded.tokenizer, test, config.eval_batch_size, "scoring test")
-    return classification_metrics(np.array(test["label"]), logits, names), manifest
+    result = evaluation.evaluate(adapter, force)
+    return result.metrics, result.manifest
 
 
-def matches_manifest(metrics: dict[str, Any], manifest: Manifest) -> bool:
-    """Whether recomputed test metrics (`evaluate`) are the ones the manifest recorded."""
-    recorded = manifest.metrics["test"]
-    return all(metrics[k] == recorded.get(k) for k in (*report.METRIC_COLUMNS, "confusion_matrix"))
+def score_test(loaded: adapters.Loaded, test: Dataset, config: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The test metrics of a loaded adapter, and each message's: right or not, and its log loss."""
+    encoded = tokenize(test, loaded.tokenizer, config.max_length)
+    logits = predict_logits(loaded.model, loaded.tokenizer, encoded, config.eval_batch_size, "scoring test")
+    labels = np.array(encoded["label"])
+    log_p = torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy()[np.arange(len(labels)), labels]
+    scores = {"correct": logits.argmax(-1) == labels, "log_loss": -log_p}
+    return classification_metrics(labels, logits, test.features["label"].names), scores
 
 
 def check_texts(manifest: Manifest, count: int) -> list[str]:

@@ -95,18 +95,25 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from . import spam
+    from . import evaluation
 
-    metrics, manifest = spam.evaluate(args.adapter, args.force)
-    recorded = manifest.metrics["test"]
-    same = spam.matches_manifest(metrics, manifest)
+    if len(args.adapters) > 2:
+        raise UserError(f"eval takes one adapter, or two to compare; got {len(args.adapters)}")
+    if len(args.adapters) == 2:
+        result = evaluation.compare_pair(*args.adapters, force=args.force)
+        print(json.dumps(result, indent=2) if args.json else "\n".join(report.paired(result)))
+        return 0
+    evaluated = evaluation.evaluate(args.adapters[0], args.force)
+    metrics, manifest = evaluated.metrics, evaluated.manifest
+    same = evaluation.matches_manifest(evaluated)
     if args.json:
         print(json.dumps({"test": metrics, "matches_manifest": same}, indent=2))
     else:
-        print(report.metrics_table({"test": metrics}))
-        labels = manifest.label_names
-        print(f"confusion matrix (rows: true {labels}, columns: predicted): {metrics['confusion_matrix']}")
-        print("matches the manifest" if same else f"DIFFERS from the manifest: {recorded}")
+        print(report.metrics_table({"test": metrics}, tasks.get(manifest.task).code().EVAL_COLUMNS))
+        if "confusion_matrix" in metrics:
+            labels = manifest.label_names
+            print(f"confusion matrix (rows: true {labels}, columns: predicted): {metrics['confusion_matrix']}")
+        print("matches the manifest" if same else f"DIFFERS from the manifest: {manifest.metrics['test']}")
     return 0 if same else 1
 
 
@@ -218,8 +225,9 @@ def run_compare(args: argparse.Namespace) -> int:
     shared = {f.name: getattr(args, f.name) for f in settings() if hasattr(args, f.name)}
     if args.runs and (args.methods or args.ranks):
         raise UserError("--runs names every run; leave out --methods and --lora-r")
+    seeds = _listed(args.seeds, int)
     found = compare.plan(
-        args.task, _listed(args.methods, str), _listed(args.ranks, int), args.runs, args.config, shared
+        args.task, _listed(args.methods, str), _listed(args.ranks, int), args.runs, args.config, shared, seeds
     )
     output = Path(args.compare_output or f"adapters/compare-{args.task}")
     results = compare.compare(args.task, found, output, args.debug)

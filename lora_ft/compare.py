@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import files, methods, plots, runs, tasks
+from . import files, methods, plots, runs, stats, tasks
 from .config import load_config, read_recipe, task_defaults, validate
 from .errors import Interrupted, UserError
 from .manifest import FILENAME, Manifest
@@ -32,6 +32,7 @@ class Run:
     name: str
     settings: dict[str, Any]  # recipe keys: the shared ones with this run's own on top
     row: dict[str, Any] = field(default_factory=dict)  # its results, once finished
+    configuration: str | None = None  # with several seeds: the configuration this is one seed of (its name)
 
 
 def plan(
@@ -41,10 +42,12 @@ def plan(
     runs_file: str | Path | None = None,
     recipe: str | Path | None = None,
     shared: dict[str, Any] | None = None,
+    seeds: list[int] | None = None,
 ) -> list[Run]:
     """The runs to compare: one per entry of `runs_file` (a YAML list of recipe mappings, each with an optional
     `name`), or each of `method_names` at each of `ranks` (a method without a rank, ia3 or full, once). `recipe`
-    and `shared` (flags) go under each run's own settings. Every run's config is checked now, before any trains."""
+    and `shared` (flags) go under each run's own settings. With `seeds`, each of those once per seed (see
+    `per_seed`). Every run's config is checked now, before any trains."""
     base = (read_recipe(Path(recipe), task) if recipe else {}) | validate(_given(shared), "command line", task)
     if runs_file is not None:
         own = [(entry.pop("name", None), entry) for entry in _read_runs(Path(runs_file), task)]
@@ -63,9 +66,28 @@ def plan(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"two runs are named {twice[0]!r}: give each entry its own `name`")
+    found = per_seed(found, seeds, task) if seeds else found
     for run in found:  # a combination PEFT cannot do, refused now rather than hours in (any model will do for that)
         methods.check(load_config(task, None, run.settings | {"model": run.settings.get("model") or "gpt2"}))
     return found
+
+
+def per_seed(found: list[Run], seeds: list[int], task: str) -> list[Run]:
+    """Each configuration once per seed, as runs named `<name>-seed<seed>`. `seeds` is a count (one number N: the
+    configuration's seed and the N - 1 after it) or the seeds themselves (two or more). The seed fixes the split,
+    the initialisation and the data order, so the seeds' spread is that of all three."""
+    if len(seeds) == 1 and seeds[0] < 1:
+        raise UserError(f"`seeds`: a number of seeds is at least 1, got {seeds[0]}")
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"`seeds`: {', '.join(map(str, seeds))} names a seed twice")
+    expanded = []
+    for run in found:
+        first = run.settings.get("seed", task_defaults(task)["seed"])
+        chosen = [first + i for i in range(seeds[0])] if len(seeds) == 1 else seeds
+        for seed in chosen:
+            settings = run.settings | validate({"seed": seed}, "`seeds`", task)
+            expanded.append(Run(f"{run.name}-seed{seed}", settings, configuration=run.name))
+    return expanded
 
 
 def _given(values: dict[str, Any] | None) -> dict[str, Any]:
@@ -186,48 +208,107 @@ def row(task: str, name: str, folder: Path) -> dict[str, Any]:
 
 
 def summarise(task: str, found: list[Run], output: Path) -> dict[str, Any]:
+    """results.json: a row per run and the Pareto front; with several seeds, a row per configuration (each figure's
+    mean over its seeds, with `_std` and `_ci95` beside the val and test metric's) and the seeds' own rows in
+    `per_seed`."""
     key = f"test_{tasks.get(task).key_metric}"
     rows = [run.row for run in found]
-    return {"task": task, "key_metric": key, "output": str(output), "runs": rows, "pareto": pareto(rows, key)}
+    results = {"task": task, "key_metric": key, "output": str(output)}
+    if not any(run.configuration for run in found):
+        return results | {"runs": rows, "pareto": pareto(rows, key)}
+    for run in found:
+        run.row.update(configuration=run.configuration, seed=run.settings["seed"])
+    names = list(dict.fromkeys(run.configuration for run in found))
+    configurations = [_over_seeds([r for r in rows if r["configuration"] == name]) for name in names]
+    interval = f"{stats.LEVEL:.0%} t-interval of the mean over seeds (Student's t, n - 1 degrees of freedom)"
+    return results | {
+        "interval": interval,
+        "runs": configurations,
+        "per_seed": rows,
+        "pareto": pareto(configurations, key),
+    }
+
+
+def _over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A configuration's row from its seeds' rows: the metrics' mean, standard deviation and t-interval; the
+    parameters and weights (the same for every seed) as they are; time and memory as means."""
+    first = rows[0]
+    row = {"name": first["configuration"], "method": first["method"], "lora_r": first["lora_r"]}
+    row |= {"seeds": [r["seed"] for r in rows], "folders": [r["folder"] for r in rows]}
+    for metric in (k for k in first if k.startswith(("val_", "test_"))):
+        figures = stats.over_seeds([r.get(metric) for r in rows])
+        row |= {metric: figures["mean"], f"{metric}_std": figures["std"], f"{metric}_ci95": figures["ci95"]}
+    row |= {"trainable_parameters": first["trainable_parameters"], "weights_bytes": first["weights_bytes"]}
+    for figure in ("seconds_per_epoch", "peak_rss_bytes", "peak_gpu_bytes"):
+        row[figure] = stats.over_seeds([r.get(figure) for r in rows])["mean"]
+    return row
 
 
 def pareto(rows: list[dict[str, Any]], key: str) -> list[str]:
     """The runs no other run beats: as good or better on `key` with no more trainable parameters, and strictly
-    better on one of the two. Sorted by trainable parameters."""
+    better on one of the two. Where the rows carry 95% intervals (`<key>_ci95`: several seeds), a run is beaten only
+    where its interval lies wholly below the interval of a run with no more trainable parameters: a difference
+    within the seeds' noise does not take a run off the front. Sorted by trainable parameters."""
     scored = [r for r in rows if r.get(key) is not None]
 
-    def beaten(r: dict[str, Any]) -> bool:
-        return any(
+    def bounds(r: dict[str, Any]) -> tuple[float, float]:
+        interval = r.get(f"{key}_ci95")
+        return (interval[0], interval[1]) if interval else (r[key], r[key])
+
+    def beats(o: dict[str, Any], r: dict[str, Any]) -> bool:
+        if f"{key}_ci95" in r:
+            return o is not r and o["trainable_parameters"] <= r["trainable_parameters"] and bounds(r)[1] < bounds(o)[0]
+        return (
             o[key] >= r[key]
             and o["trainable_parameters"] <= r["trainable_parameters"]
             and (o[key] > r[key] or o["trainable_parameters"] < r["trainable_parameters"])
-            for o in scored
         )
 
-    return [r["name"] for r in sorted(scored, key=lambda r: r["trainable_parameters"]) if not beaten(r)]
+    return [
+        r["name"]
+        for r in sorted(scored, key=lambda r: r["trainable_parameters"])
+        if not any(beats(o, r) for o in scored)
+    ]
 
 
 def table(results: dict[str, Any]) -> str:
-    """results.md: one row per run, Pareto-front runs marked."""
-    from .report import size
+    """results.md: one row per run (with several seeds: per configuration, its metrics as mean ± std and 95%
+    interval over the seeds, then a table of every seed's run), Pareto-front runs marked."""
+    if "per_seed" not in results:
+        return _table(results["runs"], results["key_metric"], results["pareto"])
+    lines = [_table(results["runs"], results["key_metric"], results["pareto"], seeds=True), ""]
+    lines += [
+        f"Mean ± standard deviation over the seeds; 95% CI: the {results['interval']}.",
+        "",
+        "Each seed's run:",
+        "",
+    ]
+    return "\n".join([*lines, _table(results["per_seed"], results["key_metric"], None)])
 
-    key = results["key_metric"]
-    val_key = next((k for k in results["runs"][0] if k.startswith("val_")), "val")
-    head = ["run", "method", "r", val_key, key, "trainable params", "weights", "s / epoch", "peak RSS", "Pareto"]
+
+def _table(rows: list[dict[str, Any]], key: str, front: list[str] | None, seeds: bool = False) -> str:
+    from .report import interval, size
+
+    val_key = next((k for k in rows[0] if k.startswith("val_") and not k.endswith(("_std", "_ci95"))), "val")
+    metrics = [f"{val_key} mean ± std", f"{val_key} 95% CI", f"{key} mean ± std", f"{key} 95% CI"]
+    metrics = metrics if seeds else [val_key, key]
+    head = ["run", "method", "r", *(["seeds"] if seeds else []), *metrics, "trainable params", "weights"]
+    head += ["s / epoch", "peak RSS", *(["Pareto"] if front is not None else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results["runs"]:
-        cells = [
-            r["name"],
-            r["method"],
-            r["lora_r"] if r["lora_r"] is not None else "-",
-            _number(r.get(val_key)),
-            _number(r.get(key)),
-            f"{r['trainable_parameters']:,}",
-            size(r["weights_bytes"]),
-            r["seconds_per_epoch"] if r["seconds_per_epoch"] is not None else "-",
-            size(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-",
-            "yes" if r["name"] in results["pareto"] else "",
-        ]
+    for r in rows:
+        figures = [_number(r.get(val_key)), _number(r.get(key))]
+        if seeds:  # each metric as mean ± std, then its interval
+            spread = [
+                (f"{_number(r.get(k))} ± {_number(r.get(f'{k}_std'))}", interval(r.get(f"{k}_ci95")))
+                for k in (val_key, key)
+            ]
+            figures = [cell for pair in spread for cell in pair]
+        cells = [r["name"], r["method"], r["lora_r"] if r["lora_r"] is not None else "-"]
+        cells += [len(r["seeds"])] if seeds else []
+        cells += [*figures, f"{r['trainable_parameters']:,}", size(r["weights_bytes"])]
+        cells.append(f"{r['seconds_per_epoch']:.1f}" if r["seconds_per_epoch"] is not None else "-")
+        cells.append(size(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-")
+        cells += ["yes" if r["name"] in front else ""] if front is not None else []
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

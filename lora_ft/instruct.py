@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 from peft import PeftModel, TaskType
@@ -17,7 +18,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedToke
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
-from . import adapters, chat, data, methods, models, progress, report, runs, training
+from . import adapters, chat, data, methods, models, progress, report, runs, stats, training
 from .config import RunConfig
 from .errors import UserError
 from .manifest import Manifest
@@ -26,6 +27,10 @@ RESPONSES = "test_responses.json"
 # The course's instruction fine-tuning (chapter 7) trains every weight, with no LoRA code to compare with: `bench
 # --task instruct` has no course peer.
 COURSE_PEER = False
+EVAL_COLUMNS = ("loss", "perplexity", "rouge_l", "eos_share")  # what `eval` shows
+# `eval A B`'s paired tests (evaluation.compare_pair): paired bootstraps of the mean ROUGE-L and of the loss per
+# response token (each example's summed loss over all its tokens), the test examples resampled.
+PAIRED = {"rouge_l": ("mean", ("rouge_l",)), "loss": ("ratio", ("loss_sum", "tokens"))}
 # Inputs for merge's check when the adapter's own data file is gone (see `check_texts`).
 SAMPLE_TEXTS = [
     data.format_prompt("Name three primary colors.") + "Red, yellow and blue.",
@@ -166,27 +171,33 @@ def response_loss(
     pairs: Dataset,
     batch_size: int,
     desc: str = "response loss",
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Mean cross-entropy per completion token (EOS included) and its perplexity: every token weighs the same,
-    unlike Trainer's mean of batch means."""
+    unlike Trainer's mean of batch means. `per_example`: each example's summed loss and its tokens, in order."""
     encoded = [_encoded(tokenizer, row) for row in pairs]
-    encoded.sort(key=lambda pair: len(pair[0]))  # less padding
-    total, tokens = 0.0, 0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding
+    sums, counts = np.zeros(len(encoded)), np.zeros(len(encoded), dtype=int)
     device = next(model.parameters()).device
     batches = range(0, len(encoded), batch_size)
     for start in progress.bar(batches, desc=desc, unit="batch", hidden=len(batches) <= 1):
-        batch = encoded[start : start + batch_size]
+        chosen = order[start : start + batch_size]
+        batch = [encoded[i] for i in chosen]
         ids = _pad([torch.tensor(i) for i, _ in batch], tokenizer.pad_token_id).to(device)
-        labels = _pad([torch.tensor(label) for _, label in batch], -100).to(device)
+        labels = _pad([torch.tensor(label) for _, label in batch], -100).to(device)[:, 1:]
         with torch.no_grad():
             mask = _pad([torch.ones(len(i), dtype=torch.long) for i, _ in batch], 0).to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        total += torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-        ).item()
-        tokens += int((labels[:, 1:] != -100).sum())
-    loss = total / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        losses = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
+        sums[chosen], counts[chosen] = losses.sum(1).double().cpu().numpy(), (labels != -100).sum(1).cpu().numpy()
+    loss, per_example = float(sums.sum() / max(counts.sum(), 1)), {"loss_sum": sums, "tokens": counts}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "tokens": int(counts.sum()),
+        "per_example": per_example,
+    }
 
 
 def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
@@ -268,32 +279,44 @@ def answer(tokenizer: PreTrainedTokenizerBase, prompt: str, tokens: list[int]) -
     return Generation(prompt, tokenizer.decode(new, skip_special_tokens=True).strip(), stopped, len(new))
 
 
-def rouge_l(references: list[str], responses: list[str]) -> float:
-    """Mean ROUGE-L F1 (rouge-score, with stemming) of each response against its reference."""
+def rouge_l(references: list[str], responses: list[str]) -> list[float]:
+    """ROUGE-L F1 (rouge-score, with stemming) of each response against its reference."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, out)["rougeL"].fmeasure for ref, out in zip(references, responses, strict=True)]
-    return sum(scores) / len(scores)
+    return [scorer.score(ref, out)["rougeL"].fmeasure for ref, out in zip(references, responses, strict=True)]
 
 
 def score_responses(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test: Dataset, config: RunConfig, who: str = "tuned"
-) -> tuple[dict[str, Any], list[Generation]]:
-    """Loss/perplexity on the reference responses, and ROUGE-L and EOS share of greedy generations (`who` names the
-    model in progress bars)."""
+) -> tuple[dict[str, Any], list[Generation], dict[str, np.ndarray]]:
+    """Loss/perplexity on the reference responses, and ROUGE-L (with a bootstrap 95% interval over the examples) and
+    EOS share of greedy generations (`who` names the model in progress bars); then each example's ROUGE-L, summed
+    loss and tokens, which `eval A B` pairs."""
     pairs = examples(test, tokenizer)
     generations = generate(
         model, tokenizer, test["prompt"], config.max_new_tokens, config.eval_batch_size, desc=f"answering test ({who})"
     )
     metrics = response_loss(model, tokenizer, pairs, config.eval_batch_size, f"test loss ({who})")
+    scores = metrics.pop("per_example")
+    scores["rouge_l"] = np.array(rouge_l(test["output"], [g.response for g in generations]))
     metrics.update(
-        rouge_l=rouge_l(test["output"], [g.response for g in generations]),
+        rouge_l=float(scores["rouge_l"].mean()),
+        rouge_l_ci95=stats.mean_interval(scores["rouge_l"]),
         eos_share=sum(g.stopped_at_eos for g in generations) / len(generations),
         mean_new_tokens=sum(g.new_tokens for g in generations) / len(generations),
         examples=len(test),
     )
-    return metrics, generations
+    return metrics, generations, scores
+
+
+def score_test(loaded: adapters.Loaded, test: Dataset, config: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The test metrics of a loaded adapter on the examples it was scored on in training (the first `test_limit`),
+    answered as then, and each example's scores."""
+    test = test.select(range(min(config.test_limit or len(test), len(test))))
+    test = chat.prepare(DatasetDict(train=test), loaded.tokenizer)[0]["train"]  # conversations: their prompts
+    metrics, _, scores = score_responses(loaded.model, loaded.tokenizer, test, config)
+    return metrics, scores
 
 
 def response_records(test: Dataset, generations: list[Generation]) -> list[dict[str, Any]]:
@@ -332,8 +355,9 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
         # Every process scores the same examples with the same weights: the main one alone would not finish sooner,
         # and sharded models (FSDP, ZeRO-3) need all processes in each forward pass.
         val = response_loss(model, tokenizer, val_pairs, config.eval_batch_size, "val loss")
+        val.pop("per_example")
         metrics: dict[str, Any] = {"val": val}
-        metrics["test"], generations = score_responses(model, tokenizer, test, config)
+        metrics["test"], generations, _ = score_responses(model, tokenizer, test, config)
         if untuned is None:
             with model.disable_adapter():
                 untuned = score_responses(model, tokenizer, test, config, "untuned base")[0]

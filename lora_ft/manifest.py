@@ -79,6 +79,12 @@ class Manifest(dict):
         value = self.metrics.get("test", {}).get(name) if name else None
         return value if isinstance(value, (int, float)) else None
 
+    def test_interval(self, name: str | None) -> list[float] | None:
+        """The 95% interval recorded with a test metric (`<name>_ci95`: [low, high]), None for none."""
+        value = self.metrics.get("test", {}).get(f"{name}_ci95") if name else None
+        valid = isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+        return value if valid else None
+
     def with_merge(self, section: dict[str, Any]) -> Manifest:
         """This manifest with a `merge` section: a merged export's."""
         return Manifest({**self, "merge": section})

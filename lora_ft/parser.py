@@ -113,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help='one {"text", "label", "score"} object per line')
     _add_force(predict)
 
-    evaluate = commands.add_parser("eval", help="recompute an adapter's test metrics from its manifest")
-    evaluate.add_argument("adapter", help="adapter folder")
+    evaluate = commands.add_parser(
+        "eval", help="recompute an adapter's test metrics from its manifest; of two, test their difference"
+    )
+    evaluate.add_argument(
+        "adapters", nargs="+", metavar="adapter", help="adapter folder; two: both on their (same) test split, compared"
+    )
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_force(evaluate)
 
@@ -158,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-r", dest="ranks", help="comma-separated ranks for the methods that have one (default: the recipe's)"
     )
     compare.add_argument("--runs", help="a YAML list of recipe mappings (each with an optional name), instead")
+    compare.add_argument(
+        "--seeds", help="train each run once per seed: N seeds from the recipe's seed on, or a comma-separated list"
+    )
     compare.add_argument(
         "--output", dest="compare_output", help="folder of the runs and results (default: adapters/compare-TASK)"
     )

@@ -47,20 +47,28 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
 
 
 def plot_pareto(results: dict[str, Any], path: Path) -> None:
-    """`compare`'s plot: each run's key metric against its trainable parameters (log scale), the Pareto front (the
-    runs no other beats on both) joined and labelled."""
+    """`compare`'s plot: each run's key metric against its trainable parameters (log scale), the Pareto front joined
+    and labelled. With several seeds: each configuration's mean with its 95% interval as an error bar, and each
+    seed's run as a small grey dot."""
     plt = _pyplot()
     key, front = results["key_metric"], results["pareto"]
     rows = [r for r in results["runs"] if r.get(key) is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    seeds = [r for r in results.get("per_seed", []) if r.get(key) is not None]
+    if seeds:
+        ax.scatter([r["trainable_parameters"] for r in seeds], [r[key] for r in seeds], s=10, c="0.6", zorder=2)
     span = (max(r[key] for r in rows) - min(r[key] for r in rows)) if rows else 0.0
     placed: list[tuple[float, float]] = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: -r[key]):  # from the top: a label moved down moves away from the others
         on = r["name"] in front
         x, y = float(np.log10(max(r["trainable_parameters"], 1))), r[key]
         ax.scatter(r["trainable_parameters"], y, s=60 if on else 30, c="C3" if on else "C0", zorder=3)
+        interval = r.get(f"{key}_ci95")
+        if interval:
+            error = [[y - interval[0]], [interval[1] - y]]
+            ax.errorbar(r["trainable_parameters"], y, yerr=error, c="C3" if on else "C0", capsize=3, zorder=3)
         # runs that land on (nearly) the same point get their labels stacked, not written over each other
-        near = sum(abs(px - x) < 0.3 and abs(py - y) <= 0.04 * span for px, py in placed)
+        near = sum(abs(px - x) < 0.3 and abs(py - y) <= 0.1 * span for px, py in placed)
         placed.append((x, y))
         ax.annotate(r["name"], (r["trainable_parameters"], y), textcoords="offset points", xytext=(5, 4 - 11 * near))
     line = sorted((r for r in rows if r["name"] in front), key=lambda r: r["trainable_parameters"])
@@ -68,7 +76,11 @@ def plot_pareto(results: dict[str, Any], path: Path) -> None:
         ax.plot([r["trainable_parameters"] for r in line], [r[key] for r in line], "--o", c="C3", label="Pareto front")
         ax.legend(loc="lower right")
     ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters (log scale)", ylabel=key.replace("_", " "), title=f"{results['task']}: {key}")
+    title = f"{results['task']}: {key}"
+    if seeds:
+        title += f"\nmean and 95% t-interval over {max(len(r['seeds']) for r in rows)} seeds; grey dots: each seed"
+    ax.set(xlabel="trainable parameters (log scale)", ylabel=key.replace("_", " "), title=title)
+    ax.margins(x=0.12)  # room for the rightmost run's label
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -11,12 +11,22 @@ if TYPE_CHECKING:
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "loss")
 
 
-def metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
-    lines = ["split  " + "".join(f"{c:>11}" for c in METRIC_COLUMNS) + "   n"]
+def metrics_table(metrics: dict[str, dict[str, Any]], columns: tuple[str, ...] = METRIC_COLUMNS) -> str:
+    """One row per split; a metric that has a 95% interval (`<metric>_ci95`) is followed by it, in a column of its
+    own."""
+    shown = [(c, any(f"{c}_ci95" in values for values in metrics.values())) for c in columns]
+    lines = ["split  " + "".join(f"{c:>11}" + (f"{c + ' 95% CI':>21}" if ci else "") for c, ci in shown) + "   n"]
     for split, values in metrics.items():
-        row = "".join(f"{values[c]:>11.4f}" for c in METRIC_COLUMNS)
+        row = "".join(
+            f"{values[c]:>11.4f}" + (f"{interval(values.get(f'{c}_ci95')):>21}" if ci else "") for c, ci in shown
+        )
         lines.append(f"{split:<7}{row}   {values['examples']}")
     return "\n".join(lines)
+
+
+def interval(value: Any) -> str:
+    """A 95% interval as `[low, high]`, or "-" where there is none (one example, an old manifest)."""
+    return f"[{value[0]:.4f}, {value[1]:.4f}]" if isinstance(value, list) and len(value) == 2 else "-"
 
 
 def trained(training: dict[str, Any]) -> str:
@@ -35,11 +45,13 @@ def trained(training: dict[str, Any]) -> str:
 
 def instruct_table(metrics: dict[str, dict[str, Any]]) -> str:
     lines = [
-        f"{'test, n=' + str(metrics['test']['examples']):<16}{'loss':>9}{'perplexity':>12}{'ROUGE-L':>9}{'EOS':>7}"
+        f"{'test, n=' + str(metrics['test']['examples']):<16}{'loss':>9}{'perplexity':>12}{'ROUGE-L':>9}"
+        f"{'ROUGE-L 95% CI':>18}{'EOS':>7}"
     ]
     for key, name in (("test_base", "untuned base"), ("test", "tuned")):
         m = metrics[key]
-        lines.append(f"{name:<16}{m['loss']:>9.4f}{m['perplexity']:>12.2f}{m['rouge_l']:>9.4f}{m['eos_share']:>7.0%}")
+        figures = f"{m['loss']:>9.4f}{m['perplexity']:>12.2f}{m['rouge_l']:>9.4f}{interval(m.get('rouge_l_ci95')):>18}"
+        lines.append(f"{name:<16}{figures}{m['eos_share']:>7.0%}")
     return "\n".join(lines)
 
 
@@ -129,12 +141,13 @@ def inference_summary(report: dict[str, Any]) -> str:
 
 def listing(found: list[Listed]) -> list[str]:
     """`adapters`: a table of the folders found, then a line for each unreadable or interrupted one."""
-    rows = [("path", "kind", "task", "method", "base", "created (UTC)", "test metric", "size")]  # interrupted: started
-    for listed in found:
+    rows = [("path", "kind", "task", "method", "base", "created (UTC)", "test metric", "95% CI", "size")]
+    for listed in found:  # created: when an interrupted run started
         metric = f"{listed.metric} {listed.value:.4f}" if listed.value is not None else "-"
         created = (listed.created or "-").replace("T", " ")[:16]
         base, task, method = listed.base or "?", listed.task or "?", listed.method or "-"
-        rows.append((listed.path, listed.kind, task, method, base, created, metric, size(listed.size_bytes)))
+        cells = (metric, interval(listed.interval), size(listed.size_bytes))
+        rows.append((listed.path, listed.kind, task, method, base, created, *cells))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     for listed in found:
@@ -190,3 +203,19 @@ def serve_bench(figures: dict[str, Any]) -> str:
             )
     what = f"{figures['clients']} concurrent clients, {next(iter(figures['adapters'].values()))['requests']} requests"
     return "\n".join([*lines, f"({what} per adapter and way; generation greedy)"])
+
+
+def paired(result: dict[str, Any]) -> list[str]:
+    """`eval A B`: both adapters' figures on the same test examples, A - B, and each paired test's verdict."""
+    a, b = result["a"]["adapter"], result["b"]["adapter"]
+    lines = [f"A: {a}", f"B: {b}", f"both on the same test split, {result['examples']} examples"]
+    lines.append(
+        f"{'metric':<10}{'A':>9}{'B':>9}{'A - B':>9}{'95% CI of A - B':>21}{'p-value':>9}  {'verdict':<14}test"
+    )
+    for name, m in result["metrics"].items():
+        counts = (
+            f" ({m['only_a_right']} right by A alone, {m['only_b_right']} by B alone)" if "only_a_right" in m else ""
+        )
+        figures = f"{m['a']:>9.4f}{m['b']:>9.4f}{m['difference']:>+9.4f}{interval(m.get('difference_ci95')):>21}"
+        lines.append(f"{name:<10}{figures}{m['p_value']:>9.4f}  {m['verdict']:<14}{m['test']}{counts}")
+    return [*lines, f"beyond noise: p < {result['alpha']} (two-sided)"]

@@ -22,6 +22,8 @@ class TaskModule(Protocol):
 
     SAMPLE_TEXTS: list[str]  # inputs for the merge check when the adapter's own data file is gone
     COURSE_PEER: bool  # `bench` runs the course's own LoRA code on this task as a peer (course.py)
+    EVAL_COLUMNS: tuple[str, ...]  # the test metrics `eval` shows
+    PAIRED: dict[str, tuple[str, tuple[str, ...]]]  # `eval A B`: metric -> (its paired test, per-example columns)
 
     def train(self, config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> TrainResult: ...
 
@@ -35,6 +37,12 @@ class TaskModule(Protocol):
         name: str = "default",
     ) -> Loaded:
         """The adapter on its base, in eval mode (with `onto`: added to that adapter's model, sharing its base)."""
+
+    def load_splits(self, config: RunConfig, fractions: tuple[float, ...]) -> tuple[Path, Any]:
+        """The data file and its train/val/test split, as `config` (seed, data) and `fractions` fix them."""
+
+    def score_test(self, loaded: Loaded, test: Any, config: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A loaded adapter's test metrics on `test`, and each example's scores (the arrays `PAIRED` names)."""
 
     def check_texts(self, manifest: dict[str, Any], count: int) -> list[str]:
         """The first `count` inputs of the adapter's own test split, as the model reads them."""

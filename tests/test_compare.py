@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -83,3 +84,56 @@ def test_bad_runs_files_are_refused(tmp_path: Path, text: str, message: str):
     runs.write_text(text)
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         compare.plan("spam", runs_file=runs)
+
+
+def test_compare_seeds_writes_mean_std_interval_and_per_seed_rows(tiny_gpt2: Path, tmp_path: Path):
+    from lora_ft import stats
+
+    data, output = write_spam(tmp_path / "sms.tsv"), tmp_path / "cmp"
+    args = ["compare", "spam", "--methods", "lora,ia3", "--lora-r", "2", "--seeds", "2", "--model", str(tiny_gpt2)]
+    args += ["--data", str(data), "--max-steps", "2", "--precision", "fp32", "--output", str(output)]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "run 1/4, lora-r2-seed123: training" in first.stderr and "run 4/4, ia3-seed124: training" in first.stderr
+    results = json.loads((output / "results.json").read_text())
+    assert len(results["per_seed"]) == 4 and "t-interval" in results["interval"]
+    for row in results["per_seed"]:  # each seed a normal adapter folder, trained with its seed
+        manifest = json.loads((Path(row["folder"]) / "lora_ft.json").read_text())
+        assert manifest["config"]["seed"] == row["seed"] and row["name"] == f"{row['configuration']}-seed{row['seed']}"
+        assert row["test_accuracy"] == manifest["metrics"]["test"]["accuracy"]
+    configurations = {row["name"]: row for row in results["runs"]}
+    assert set(configurations) == {"lora-r2", "ia3"}
+    for name, row in configurations.items():
+        seeds = [r for r in results["per_seed"] if r["configuration"] == name]
+        assert row["seeds"] == [123, 124] == [r["seed"] for r in seeds]
+        for key in ("val_accuracy", "test_accuracy"):
+            figures = stats.over_seeds([r[key] for r in seeds])
+            assert row[key] == pytest.approx(np.mean([r[key] for r in seeds]))
+            assert row[f"{key}_std"] == pytest.approx(np.std([r[key] for r in seeds], ddof=1))
+            assert row[f"{key}_ci95"] == pytest.approx(figures["ci95"])
+        assert row["trainable_parameters"] == seeds[0]["trainable_parameters"]
+    assert results["pareto"] == compare.pareto(results["runs"], "test_accuracy")
+    table = (output / "results.md").read_text()
+    head = table.splitlines()[0]
+    assert head.startswith(
+        "| run | method | r | seeds | val_accuracy mean ± std | val_accuracy 95% CI | test_accuracy mean"
+    )
+    ia3 = configurations["ia3"]
+    assert f"| ia3 | ia3 | - | 2 | {ia3['val_accuracy']:.4f} ± {ia3['val_accuracy_std']:.4f} |" in table
+    assert "Each seed's run:" in table and "| ia3-seed124 | ia3 | - |" in table
+    assert Image.open(output / "results.png").size[0] > 300
+
+    again = run_cli(*args)  # resumable as without seeds: every seed's run reused
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("finished before, reused") == 4
+
+
+def test_seeds_planned_as_a_count_or_a_list():
+    names = [run.name for run in compare.plan("spam", ["lora"], [2], seeds=[3])]
+    assert names == ["lora-r2-seed123", "lora-r2-seed124", "lora-r2-seed125"]
+    chosen = compare.plan("spam", ["ia3"], seeds=[1, 7], shared={"seed": 5})
+    assert [(run.name, run.settings["seed"]) for run in chosen] == [("ia3-seed1", 1), ("ia3-seed7", 7)]
+    with pytest.raises(UserError, match="names a seed twice"):
+        compare.plan("spam", ["ia3"], seeds=[1, 1])
+    with pytest.raises(UserError, match="at least 1"):
+        compare.plan("spam", ["ia3"], seeds=[0])

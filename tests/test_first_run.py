@@ -78,7 +78,8 @@ def test_quiet_prints_only_the_results(tiny_gpt2: Path, tmp_path: Path, capsys):
     )
     out, err = capsys.readouterr()
     assert err == ""
-    assert out.splitlines()[0].split() == ["split", "accuracy", "precision", "recall", "f1", "loss", "n"]
+    head = ["split", "accuracy", "accuracy 95% CI", "precision", "recall", "f1", "f1 95% CI", "loss", "n"]
+    assert [column.strip() for column in out.splitlines()[0].split("  ") if column.strip()] == head
     assert out.splitlines()[-1] == f"adapter: {tmp_path / 'q'}"
 
 
