@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from lora_ft import classify, data, runs
 from lora_ft.errors import UserError
 
 from .conftest import DATA_DIR, REPO, tree_sha256
+from .test_serve import Server
 
 MESSAGES = ["WINNER!! You have been selected to receive a £900 prize reward! Call 09061701461 now", "see you at 5"]
 UPLOAD_CAP_MB = 0.01  # a 10 KiB cap on uploads, so that an oversized one is small
@@ -30,35 +30,14 @@ UPLOAD_CAP_MB = 0.01  # a 10 KiB cap on uploads, so that an oversized one is sma
 RUN = {"model": "models/tiny", "data": "sms.tsv", "max_steps": 200, "batch_size": 2, "precision": "fp32"}
 
 
-class Studio:
-    """`python -m lora_ft studio --workspace WS --port 0` in its own process; its output drained into `self.lines`."""
+class Studio(Server):
+    """`python -m lora_ft studio --workspace WS --port 0` in its own process, with a client for its API."""
 
-    def __init__(self, workspace: Path, *args: str, timeout: float = 180):
-        command = [sys.executable, "-m", "lora_ft", "studio", "--workspace", str(workspace), "--port", "0", *args]
-        self.process = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8"
-        )
-        self.lines: list[str] = []
-        self.url: str | None = None
-        self.started = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self.started.wait(timeout) or self.url is None:
-            self.stop()
-            pytest.fail("studio did not start:\n" + self.output)
+    COMMAND, READY = "studio", r"studio at (http://\S+)/ "
+
+    def __init__(self, workspace: Path, *args: str):
+        super().__init__("--workspace", str(workspace), *args, timeout=180)
         self.client = httpx.Client(base_url=self.url, timeout=120)
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-            found = re.search(r"studio at (http://\S+)/ ", line)
-            if found:
-                self.url = found[1]
-                self.started.set()
-        self.started.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
 
     def stop(self, signum: int = signal.SIGINT) -> int:
         if self.process.poll() is None:
