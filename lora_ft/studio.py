@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,7 @@ class Studio:
                 code = child.wait()
             else:  # a process a studio before this one started: it holds its run folder while it lives
                 while runs.running(runs.partial_folder(self.output(run))) is not None:
-                    threading.Event().wait(1.0)
+                    time.sleep(1.0)
                 code = None
             with self.lock:
                 self.children.pop(run["id"], None)
@@ -229,8 +230,9 @@ class Studio:
         for them to end."""
         with self.lock:
             self.closing = True
-            for run_id in list(self.children):
-                self._signal(self.runs[run_id], signal.SIGINT)
+            for run in self.runs.values():
+                if run["status"] == "running":
+                    self._signal(run, signal.SIGINT)
         for watcher in self.watchers:
             watcher.join()
 

@@ -74,7 +74,7 @@ class Workspace:
                 if name in values:
                     raise UserError(f"`{name}`: the studio names each run's folder ({ADAPTERS}/<run>); leave it out")
             model = values.get("model")
-            if isinstance(model, str) and (Path(model).is_absolute() or model.startswith(".") or self._exists(model)):
+            if isinstance(model, str) and (model.startswith((".", "~", "/")) or self._exists(model)):
                 self.inside(model, "model")
             config = RunConfig(**(task_defaults(task) | values | {"model": model or "gpt2"}))
             methods.check(config)  # a combination PEFT cannot do, refused before it is queued
