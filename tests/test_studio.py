@@ -283,7 +283,8 @@ def test_the_page_trains_watches_stops_resumes_opens_and_classifies(studio, brow
         _page_loop(studio, browser, workspace, finished_run)
     except TimeoutException:
         browser.save_screenshot(str(SCREENSHOTS / "studio-timeout.png"))
-        shown = {i: browser.find_element("id", i).text for i in ("figures", "run-error", "banner", "form-error", "recipe")}
+        ids = ("figures", "run-error", "banner", "form-error", "recipe")
+        shown = {i: browser.find_element("id", i).text for i in ids}
         pytest.fail(f"the page did not get there: {shown}; runs: {studio.client.get('/api/runs').json()['runs']}")
 
 
