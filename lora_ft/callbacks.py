@@ -1,24 +1,26 @@
 """What lora_ft adds to a Trainer run, as Trainer callbacks: token and time counts kept across a resume (`Tally`), a
-clean stop on SIGINT/SIGTERM (`StopOnSignal`), progress a person can follow (`ShowProgress`), and a data order a
-resumed run repeats (`SeededLengthGroupedSampler`)."""
+clean stop on SIGINT/SIGTERM (`StopOnSignal`), progress a person can follow (`ShowProgress`) and a program can
+read (`ProgressLog`), and a data order a resumed run repeats (`SeededLengthGroupedSampler`)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from . import progress, runs
+from . import files, progress, runs
 from .errors import Interrupted
 
 log = logging.getLogger("lora_ft")
@@ -176,6 +178,53 @@ class ShowProgress(PredictionProgress):
         if self.steps is not None:
             self.steps.close()
             self.steps = None
+
+
+class ProgressLog(TrainerCallback):
+    """The run's progress as JSON lines in its run folder (`runs.PROGRESS_LOG`), for a program watching it (studio):
+    one when training begins (a resumed run's step: later lines supersede those after it), one per logged train
+    loss and per evaluation, and a step line at most every `STEP_SECONDS`, each with the step, ETA, tokens/s and
+    memory. Appended and flushed line by line; a reader skips a last line cut short. Only the main process writes."""
+
+    STEP_SECONDS = 1.0
+
+    def __init__(self, path: Path, tally: Callable[[], Tally]) -> None:
+        self.path, self.tally = path, tally
+        self._begun, self._first_step, self._shown = time.monotonic(), 0, 0.0
+
+    def _write(self, state: Any, event: str, **values: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        tally, done = self.tally(), state.global_step - self._first_step
+        elapsed = time.monotonic() - self._begun
+        eta = (state.max_steps - state.global_step) * elapsed / done if done else None
+        gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        record = {"event": event, "step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch}
+        record |= {"time": time.time(), "eta_seconds": eta, "rss_bytes": psutil.Process().memory_info().rss}
+        record |= {"peak_rss_bytes": files.peak_rss_bytes(), "peak_gpu_bytes": gpu}
+        record["tokens_per_second"] = tally.real / tally.seconds if tally.seconds else None
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record | values) + "\n")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._begun, self._first_step = time.monotonic(), state.global_step
+        self._write(state, "begin")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if time.monotonic() - self._shown >= self.STEP_SECONDS:
+            self._shown = time.monotonic()
+            self._write(state, "step")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self._write(state, "train", loss=float(logs["loss"]))
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
+        shown = {k.removeprefix("eval_"): v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        self._write(state, "eval", metrics=shown, key=(args.metric_for_best_model or "loss").removeprefix("eval_"))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._write(state, "end")
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler, TrainerCallback):

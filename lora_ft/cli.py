@@ -295,6 +295,25 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_studio(args: argparse.Namespace) -> int:
+    from . import server, studio_server
+
+    api_key = args.api_key or os.environ.get("LORA_FT_API_KEY") or None
+    if api_key is None and args.host not in studio_server.LOOPBACK:
+        raise UserError(f"`host` {args.host} is reachable from other machines: give `api_key` to listen there")
+    sock = server.bind(args.host, args.port)
+    app, runs = studio_server.create_app(args.workspace, api_key, args.parallel, int(args.max_upload_mb * (1 << 20)))
+    sock.listen(server.BACKLOG)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"studio at http://{shown}:{port}/ (workspace {Path(args.workspace).resolve()})", flush=True)
+    try:
+        server.run(app, sock, "warning")  # the page polls: access lines would drown the rest
+    finally:
+        runs.close()  # live runs stop as on Ctrl-C, each with a checkpoint: a studio started again resumes them
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from . import bench, bench_inference, files
 
@@ -334,6 +353,7 @@ COMMANDS = {
     "adapters": run_adapters,
     "inspect": run_inspect,
     "serve": run_serve,
+    "studio": run_studio,
     "compare": run_compare,
     "bench": run_bench,
 }

@@ -236,19 +236,24 @@ def read_recipe(path: Path, task: str | None = None) -> dict[str, Any]:
         raise UserError(f"{path}: recipe file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read recipe ({e})") from None
+    return parse_recipe(text, str(path), task)
+
+
+def parse_recipe(text: str, source: str, task: str | None = None) -> dict[str, Any]:
+    """A recipe's YAML text, checked (`source` names it in errors)."""
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
     except RecursionError:
-        raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
+        raise UserError(f"{source}: not valid YAML (nested too deeply)") from None
     except (ValueError, AttributeError, KeyError) as e:  # PyYAML's constructors on a scalar it cannot convert
-        raise UserError(f"{path}: not valid YAML (a value cannot be read: {_shown(str(e))})") from None
+        raise UserError(f"{source}: not valid YAML (a value cannot be read: {_shown(str(e))})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise UserError(f"{path}: a recipe is a mapping of keys to values, got {type(values).__name__}")
-    return validate(values, str(path), task)
+        raise UserError(f"{source}: a recipe is a mapping of keys to values, got {type(values).__name__}")
+    return validate(values, source, task)
 
 
 def task_defaults(task: str) -> dict[str, Any]:

@@ -90,9 +90,14 @@ def cache_dir() -> Path:
 
 def write_text_atomically(path: Path, text: str) -> None:
     """`text` at `path`, written beside it first and renamed into place."""
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """`data` at `path`, written beside it first and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 

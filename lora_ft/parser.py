@@ -79,6 +79,15 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=kind, default=getattr(defaults, flag[2:].replace("-", "_")), help=text)
 
 
+def _add_studio(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workspace", default=".", help="folder of the runs, their adapters and data (default: .)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (another than loopback: --api-key)")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port, printed)")
+    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LORA_FT_API_KEY, if set)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at the same time (default: 1)")
+    parser.add_argument("--max-upload-mb", type=float, default=64.0, help="largest data file an upload may be")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors on one line, exit code 2, like every other bad input."""
 
@@ -171,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(compare, None, exclude=("method", "lora_r", "output"), one_run=False)
 
     _add_serve(commands.add_parser("serve", help="serve adapters over an OpenAI-compatible HTTP API and a web page"))
+    _add_studio(commands.add_parser("studio", help="a web page to train, watch, compare and try adapters"))
 
     bench = commands.add_parser("bench", help="measure training speed and memory: lora_ft vs naive vs full FT")
     bench.add_argument("--quick", action="store_true", help="time a few steps per setup, extrapolate each epoch")

@@ -50,6 +50,10 @@ RUN_RECORD = "run.json"
 CHECKPOINTS = "checkpoints"
 
 
+# The run's progress as JSON lines (callbacks.ProgressLog), kept in the adapter folder when the run completes.
+PROGRESS_LOG = "progress.jsonl"
+
+
 # Held (flock) by the process building a `.partial` folder, with its PID inside. The kernel lets go when the process
 # dies, however it dies: a folder whose lock can be taken is a stopped run, one whose lock cannot is a live one.
 LOCK = "run.lock"

@@ -125,6 +125,7 @@ class Base:
         self.waiting: deque[Job] = deque()
         self.ready = threading.Condition()
         self.weight_bytes = 0
+        self.using = threading.Lock()  # held by a batch, and by an adapter being added to this base
         self.thread = threading.Thread(target=self._work, name=f"serve-{adapters.base_name(loaded.base)}", daemon=True)
 
     def submit(self, job: Job) -> None:
@@ -139,7 +140,8 @@ class Base:
         while True:
             batch = self._take()
             try:
-                self._run(batch)
+                with self.using:
+                    self._run(batch)
             except Exception as e:  # a failed batch answers its own requests with an error; the server goes on
                 log.exception("batch of %d for %s failed", len(batch), batch[0].adapter.name)
                 for job in batch:
@@ -310,6 +312,34 @@ class Registry:
 
     def __init__(self, served: dict[str, Adapter], bases: list[Base], limits: Limits, stats: Stats):
         self.adapters, self.bases, self.limits, self.stats = served, bases, limits, stats
+        self.keys: dict[tuple, Base] = {}  # what makes bases the same (see `add`)
+
+    def add(self, path: str | Path, name: str) -> Adapter:
+        """Load the adapter at `path` as model `name`: onto a base in memory when one is the same (between two of its
+        batches), else onto a new one, whose worker starts here."""
+        manifest = adapters.read_manifest(path)
+        task = tasks.get(manifest.task, f"{path}: task")
+        source = models.source_from_manifest(manifest.base)
+        key = (task.model_class, source.kind, source.location, source.gguf_file, manifest.as_trained)
+        key += (len(manifest.label_names),)  # a classifier's base has a head of that many labels
+        # one PEFT model holds adapters of one kind; a fully fine-tuned model is a base of its own, shared by none
+        method = methods.of(manifest.config)
+        key += (method.name, None if method.adapter else str(path))
+        base, peft_name = self.keys.get(key), f"served_{len(self.adapters)}"  # PEFT names: no dots, unlike folders
+        started = time.perf_counter()
+        with base.using if base else contextlib.nullcontext():
+            loaded = task.code().load(path, onto=base.loaded if base else None, name=peft_name)
+        if base is None:
+            base = self.keys[key] = Base(loaded, task.model_class, self.limits, self.stats)
+            self.bases.append(base)
+        checker = copy.deepcopy(loaded.tokenizer)
+        adapter = Adapter(name, Path(path), task, loaded.manifest, loaded.tokenizer, checker, base, peft_name)
+        self.adapters[name] = adapter
+        log.info("loaded %s (%s) in %.1f s", name, manifest.task, time.perf_counter() - started)
+        _measure(self.bases, self.adapters)
+        if not base.thread.is_alive():
+            base.thread.start()
+        return adapter
 
     def set_limits(self, limits: Limits) -> None:
         """New limits, from the next batch on (bench --serve compares batch sizes on the same loaded models)."""
@@ -390,34 +420,14 @@ class Registry:
 def load(paths: list[str], limits: Limits | None = None) -> Registry:
     """Every adapter checked against its base as `predict` and `generate` check it, and loaded: onto a base already
     in memory when one is the same (see the module's docstring), else onto a new one. Workers start here."""
-    limits = (limits or Limits()).check()
     names = [Path(p).resolve().name for p in paths]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"two adapters are named {twice[0]!r}: a model is named by its folder, so names must differ")
-    stats, bases, served = Stats(), {}, {}
-    for number, (path, name) in enumerate(zip(paths, names, strict=True)):
-        manifest = adapters.read_manifest(path)
-        task = tasks.get(manifest.task, f"{path}: task")
-        source = models.source_from_manifest(manifest.base)
-        key = (task.model_class, source.kind, source.location, source.gguf_file, manifest.as_trained)
-        key += (len(manifest.label_names),)  # a classifier's base has a head of that many labels
-        # one PEFT model holds adapters of one kind; a fully fine-tuned model is a base of its own, shared by none
-        method = methods.of(manifest.config)
-        key += (method.name, None if method.adapter else path)
-        base = bases.get(key)
-        peft_name = f"served_{number}"  # PEFT names become module names: no dots, unlike some folder names
-        started = time.perf_counter()
-        loaded = task.code().load(path, onto=base.loaded if base else None, name=peft_name)
-        if base is None:
-            base = bases[key] = Base(loaded, task.model_class, limits, stats)
-        checker = copy.deepcopy(loaded.tokenizer)
-        served[name] = Adapter(name, Path(path), task, loaded.manifest, loaded.tokenizer, checker, base, peft_name)
-        log.info("loaded %s (%s) in %.1f s", name, manifest.task, time.perf_counter() - started)
-    _measure(list(bases.values()), served)
-    for base in bases.values():
-        base.thread.start()
-    return Registry(served, list(bases.values()), limits, stats)
+    registry = Registry({}, [], (limits or Limits()).check(), Stats())
+    for path, name in zip(paths, names, strict=True):
+        registry.add(path, name)
+    return registry
 
 
 def _measure(bases: list[Base], served: dict[str, Adapter]) -> None:
@@ -425,6 +435,9 @@ def _measure(bases: list[Base], served: dict[str, Adapter]) -> None:
     its copy of the head). PEFT names an adapter's tensors with its adapter name as one part of their path."""
     for base in bases:
         owners = {a.peft_name: a for a in served.values() if a.base is base}
+        base.weight_bytes = 0  # measured afresh whenever an adapter joins
+        for adapter in owners.values():
+            adapter.weight_bytes = 0
         whole = next((a for a in owners.values() if not methods.of(a.manifest.config).adapter), None)
         tensors = itertools.chain(base.model.named_parameters(), base.model.named_buffers())
         for name, tensor in tensors:

@@ -27,6 +27,9 @@ class TaskModule(Protocol):
 
     def train(self, config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> TrainResult: ...
 
+    def load_splits(self, config: RunConfig) -> tuple[Path, Any]:
+        """The data file `config` names (or the default one), read and split: its bad rows are one-line errors."""
+
     def load(
         self,
         adapter: str | Path,

@@ -31,7 +31,15 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from . import adapters, methods, models, plots, runs
-from .callbacks import SeededLengthGroupedSampler, ShowProgress, StopOnSignal, Tally, batch_tokens, find_callback
+from .callbacks import (
+    ProgressLog,
+    SeededLengthGroupedSampler,
+    ShowProgress,
+    StopOnSignal,
+    Tally,
+    batch_tokens,
+    find_callback,
+)
 from .config import RunConfig, with_model
 from .data import SPLITS
 from .errors import Interrupted, UserError
@@ -221,6 +229,10 @@ class Resumable:
         # Trainer's own display prints raw dicts (PrinterCallback) unless its bars are on; lora_ft shows its own.
         self.remove_callback(PrinterCallback)  # type: ignore[attr-defined]
         self.add_callback(ShowProgress())  # type: ignore[attr-defined]
+        checkpoints = Path(self.args.output_dir)  # type: ignore[attr-defined]
+        if checkpoints.name == runs.CHECKPOINTS:  # a run folder's (bench trains into a temporary folder)
+            log_path = checkpoints.parent / runs.PROGRESS_LOG
+            self.add_callback(ProgressLog(log_path, lambda: find_callback(self, Tally)))  # type: ignore[attr-defined]
         for callback in self.callback_handler.callbacks:  # type: ignore[attr-defined]
             if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
                 # beside the checkpoints, in the run folder: kept in the adapter folder, checkpoints are not

@@ -35,10 +35,13 @@ KEY = "test-key-123"
 
 
 class Server:
-    """`python -m lora_ft serve ARGS --port 0` in its own process; its output is drained into `self.lines`."""
+    """`python -m lora_ft serve ARGS --port 0` (or another COMMAND that says READY once it listens) in its own
+    process; its output is drained into `self.lines`."""
+
+    COMMAND, READY = "serve", r"serving \d+ adapters at (http://\S+)/ "
 
     def __init__(self, *args: str, timeout: float = 120):
-        command = [sys.executable, "-m", "lora_ft", "serve", *args, "--port", "0"]
+        command = [sys.executable, "-m", "lora_ft", self.COMMAND, *args, "--port", "0"]
         self.process = subprocess.Popen(
             command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8"
         )
@@ -48,12 +51,12 @@ class Server:
         threading.Thread(target=self._drain, daemon=True).start()
         if not self.started.wait(timeout) or self.url is None:
             self.stop()
-            pytest.fail("serve did not start:\n" + self.output)
+            pytest.fail(f"{self.COMMAND} did not start:\n" + self.output)
 
     def _drain(self) -> None:
         for line in self.process.stdout:
             self.lines.append(line)
-            found = re.search(r"serving \d+ adapters at (http://\S+)/ ", line)
+            found = re.search(self.READY, line)
             if found:
                 self.url = found[1]
                 self.started.set()
