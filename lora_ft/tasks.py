@@ -27,9 +27,6 @@ class TaskModule(Protocol):
 
     def train(self, config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> TrainResult: ...
 
-    def load_splits(self, config: RunConfig) -> tuple[Path, Any]:
-        """The data file `config` names (or the default one), read and split: its bad rows are one-line errors."""
-
     def load(
         self,
         adapter: str | Path,
@@ -41,8 +38,9 @@ class TaskModule(Protocol):
     ) -> Loaded:
         """The adapter on its base, in eval mode (with `onto`: added to that adapter's model, sharing its base)."""
 
-    def load_splits(self, config: RunConfig, fractions: tuple[float, ...]) -> tuple[Path, Any]:
-        """The data file and its train/val/test split, as `config` (seed, data) and `fractions` fix them."""
+    def load_splits(self, config: RunConfig, fractions: tuple[float, ...] = ...) -> tuple[Path, Any]:
+        """The data file `config` names (or the default one), read and split as `config` (seed, data) and
+        `fractions` fix them (by default the task's own): its bad rows are one-line errors."""
 
     def score_test(self, loaded: Loaded, test: Any, config: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         """A loaded adapter's test metrics on `test`, and each example's scores (the arrays `PAIRED` names)."""
