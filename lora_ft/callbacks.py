@@ -163,7 +163,7 @@ class ShowProgress(PredictionProgress):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
         self.close()
-        if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:  # else: not val (prefer's test)
+        if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:  # else not val: prefer's test
             return
         figures = [f"train loss {self.loss:.4f}"] if self.loss is not None else []
         best = (args.metric_for_best_model or "loss").removeprefix("eval_")

@@ -162,6 +162,14 @@ def measure(trainer: DPOTrainer, model: Any, tokenizer: Any, test: Dataset, answ
     return preference_metrics(trainer, test) | scores, made
 
 
+def best_val(trainer: DPOTrainer) -> dict[str, float]:
+    """The val evaluation of the step kept (the lowest val DPO loss), from the trainer's log."""
+    evaluated = [e for e in trainer.state.log_history if "eval_loss" in e]
+    best = min(evaluated, key=lambda e: e["eval_loss"])
+    names = {"loss": "eval_loss", "reward_accuracy": "eval_rewards/accuracies", "reward_margin": "eval_rewards/margins"}
+    return {name: best[key] for name, key in names.items()} | {"step": best["step"]}
+
+
 def parameters_in_memory(trainer: DPOTrainer) -> int:
     """Elements of every distinct parameter tensor the trainer holds, the reference model's included."""
     held = [trainer.model, *([trainer.ref_model] if trainer.ref_model is not None else [])]
@@ -205,7 +213,8 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
         training.fit(trainer, resume)
         model: PeftModel = training.trained_model(trainer)
         after, generations = measure(trainer, model, tokenizer, test_set, answered, answered_prompts, config, "tuned")
-        metrics = {"test_start": before, "test": after, "parameters_in_memory": parameters_in_memory(trainer)}
+        metrics = {"val": best_val(trainer), "test_start": before, "test": after}
+        metrics["parameters_in_memory"] = parameters_in_memory(trainer)
         described = {
             "fractions": list(data.INSTRUCTION_FRACTIONS),
             "dropped_degenerate": dropped,

@@ -162,8 +162,11 @@ def test_trl_formats_jsonl_and_conversations(tmp_path: Path):
     (row,) = pairs.read_pairs(standard)
     assert pairs.request(row) == {"prompt": "Q: 2+2?\nA:"} and (row["chosen"], row["rejected"]) == (" 4", " 5")
     user = [{"role": "user", "content": "Hi"}]
-    explicit = {"prompt": user, "chosen": [{"role": "assistant", "content": "Hello!"}],
-                "rejected": [{"role": "assistant", "content": "What."}]}  # fmt: skip
+    explicit = {
+        "prompt": user,
+        "chosen": [{"role": "assistant", "content": "Hello!"}],
+        "rejected": [{"role": "assistant", "content": "What."}],
+    }
     implicit = {"chosen": user + explicit["chosen"], "rejected": user + explicit["rejected"]}
     conversations = tmp_path / "chat.json"
     conversations.write_text(json.dumps([explicit, implicit]))
@@ -176,22 +179,42 @@ BAD = [
     ("missing.json", [{"instruction": "a", "chosen": "b"}], "missing.json: item 1 has no 'rejected'"),
     ("type.jsonl", None, "type.jsonl: line 2: 'chosen' must be a string, got int"),
     ("empty.json", [{"instruction": " ", "chosen": "b", "rejected": "c"}], "item 1 has an empty 'instruction'"),
-    ("mixed.json", [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"instruction": "a", "chosen": "b",
-     "rejected": "c"}], "mixed.json: item 2 is an instruction record, but item 1 is a prompt string"),  # fmt: skip
-    ("turns.json", [{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-     "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "c"}]}],
-     "turns.json: item 1: without 'prompt', 'chosen' and 'rejected' must share every turn but their last"),
-    ("last.json", [{"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "user", "content": "b"}],
-     "rejected": [{"role": "assistant", "content": "c"}]}],
-     "last.json: item 1: 'chosen' must end in one assistant message answering the prompt"),
-]  # fmt: skip
+    (
+        "mixed.json",
+        [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"instruction": "a", "chosen": "b", "rejected": "c"}],
+        "mixed.json: item 2 is an instruction record, but item 1 is a prompt string",
+    ),
+    (
+        "turns.json",
+        [
+            {
+                "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "c"}],
+            }
+        ],
+        "turns.json: item 1: without 'prompt', 'chosen' and 'rejected' must share every turn but their last",
+    ),
+    (
+        "last.json",
+        [
+            {
+                "prompt": [{"role": "user", "content": "a"}],
+                "chosen": [{"role": "user", "content": "b"}],
+                "rejected": [{"role": "assistant", "content": "c"}],
+            }
+        ],
+        "last.json: item 1: 'chosen' must end in one assistant message answering the prompt",
+    ),
+]
 
 
 @pytest.mark.parametrize(("name", "records", "message"), BAD, ids=[b[0] for b in BAD])
 def test_bad_preference_file_is_one_line(tmp_path: Path, name: str, records, message: str):
     path = tmp_path / name
     if records is None:
-        path.write_text('{"instruction": "a", "chosen": "b", "rejected": "c"}\n{"instruction": "a", "chosen": 1, "rejected": "c"}\n')
+        path.write_text(
+            '{"instruction": "a", "chosen": "b", "rejected": "c"}\n{"instruction": "a", "chosen": 1, "rejected": "c"}\n'
+        )
     else:
         path.write_text(json.dumps(records))
     with pytest.raises(UserError) as error:
@@ -216,14 +239,34 @@ def test_interrupted_prefer_resumes_to_the_uninterrupted_adapter(instruct_run, t
     """SIGINT once the first epoch's checkpoint is written, then --resume: the adapter and metrics of a run never
     stopped."""
     data_file = write_pairs(tmp_path / "pairs.json")
-    flags = ["--from", str(instruct_run[0].adapter_dir), "--data", str(data_file), "--epochs", "3", "--batch-size", "2",
-             "--lr", "1e-2", "--max-new-tokens", "4", "--test-limit", "1", "--precision", "fp32"]  # fmt: skip
+    flags = [
+        "--from",
+        str(instruct_run[0].adapter_dir),
+        "--data",
+        str(data_file),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--max-new-tokens",
+        "4",
+        "--test-limit",
+        "1",
+        "--precision",
+        "fp32",
+    ]
     whole = run_cli("prefer", *flags, "--output", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     started = subprocess.Popen(
         [sys.executable, "-m", "lora_ft", "prefer", *flags, "--output", str(tmp_path / "run")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=os.environ.copy(),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=os.environ.copy(),
+    )
     checkpoints = tmp_path / ".run.partial" / "checkpoints"
     deadline = time.monotonic() + 300
     while started.poll() is None and time.monotonic() < deadline:
