@@ -218,7 +218,9 @@ def validate(values: dict[str, Any], source: str, task: str | None = None) -> di
             field = fields[key]
         owners = field.metadata["task"]
         if task in TASKS and owners is not None and task not in owners:
-            raise UserError(f"{source}: '{key}' belongs to task {' and '.join(owners)}, not {task}")
+            raise UserError(
+                f"{source}: '{key}' belongs to task{'s' * (len(owners) > 1)} {' and '.join(owners)}, not {task}"
+            )
         if not _type_ok(value, hints[key]):
             raise UserError(f"{source}: '{key}' must be {_type_name(hints[key])}, got {_shown(value)}")
         test, must = field.metadata["check"] or (None, "")

@@ -284,16 +284,8 @@ def _new_base(
     return PeftModel.from_pretrained(base, config.from_adapter, adapter_name=POLICY, is_trainable=True)
 
 
-def load(
-    adapter: str | Path,
-    base: models.ModelSource | None = None,
-    force: bool = False,
-    full_precision: bool = False,
-    onto: adapters.Loaded | None = None,
-    name: str = "default",
-) -> adapters.Loaded:
-    """As `instruct.load`: a prefer adapter is an instruction-following causal LM."""
-    return adapters.load_with_base(adapter, "prefer", instruct.load_base, base, force, full_precision, onto, name)
+# A prefer adapter is an instruction-following causal LM: it loads as an instruct one (`tasks.same_kind`).
+load = instruct.load
 
 
 def check_texts(manifest: Manifest, count: int) -> list[str]:

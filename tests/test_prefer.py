@@ -20,7 +20,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_ft import adapters, data, instruct, pairs, prefer
+from lora_ft import adapters, data, instruct, merge, pairs, prefer
 from lora_ft.config import FALLBACK_RECIPES, fallback_recipe, load_config
 from lora_ft.errors import UserError
 from lora_ft.files import sha256_file
@@ -126,6 +126,16 @@ def test_manifest_and_answers(prefer_run):
     assert [a.response for a in answers] == [r["model_response"] for r in records]
     listed = [row for row in adapters.list_adapters(result.adapter_dir.parent) if row.task == "prefer"]
     assert listed[0].metric == "reward_accuracy" and listed[0].value == manifest.metrics["test"]["reward_accuracy"]
+
+
+def test_merges_with_a_gguf_export(prefer_run, tmp_path: Path):
+    """merge checks the merged logits against base + adapter on the adapter's own test pairs (prompt + chosen), and
+    the GGUF export read back against them."""
+    result, _ = prefer_run
+    merged = merge.merge(result.adapter_dir, tmp_path / "export", gguf="f32")
+    check = merged.manifest.merge["check"]
+    assert check["max_abs_logit_diff_float32"] < 1e-4 and (tmp_path / "export" / "export.gguf").is_file()
+    assert check["inputs"].startswith("the first 3 test examples of")  # prompt + chosen of its test pairs
 
 
 def test_split_equals_instructs(monkeypatch):
@@ -256,6 +266,8 @@ def test_interrupted_prefer_resumes_to_the_uninterrupted_adapter(instruct_run, t
         "1",
         "--precision",
         "fp32",
+        "--max-length",
+        "256",
     ]
     whole = run_cli("prefer", *flags, "--output", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
