@@ -39,7 +39,8 @@ def plot_metric(log_history: list[dict[str, Any]], key: str, label: str, path: P
     epochs."""
     plt = _pyplot()
     train = [(e["epoch"], e[key]) for e in log_history if key in e and "epoch" in e]
-    val = [(e["epoch"], e[f"eval_{key}"]) for e in log_history if f"eval_{key}" in e and "epoch" in e]
+    # val evaluations log `eval_loss`; TRL names its other figures eval_* on a test evaluation too
+    val = [(e["epoch"], e[f"eval_{key}"]) for e in log_history if f"eval_{key}" in e and "eval_loss" in e]
     fig, ax = plt.subplots(figsize=(6, 4))
     for points, name, style in ((train, "train", "-"), (val, "val", "o--")):
         if points:
