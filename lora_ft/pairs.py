@@ -1,8 +1,8 @@
 """Preference data for `prefer`: pairs of a chosen and a rejected answer to one prompt, read and checked from the
 course's Alpaca-style records (`instruction`, `input`, `chosen`, `rejected`) or TRL's standard preference formats
 (`prompt`/`chosen`/`rejected` as strings, or as conversations: OpenAI-style messages, the prompt explicit or shared by
-both conversations), in a .json list or a .jsonl file. Degenerate pairs (the two answers identical, or one empty) teach
-nothing and are dropped, counted."""
+both conversations), in a .json list or a .jsonl file; and which pairs are degenerate (the two answers identical, or
+one empty), which teach nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 
 from . import chat, data
 from .errors import UserError
@@ -112,20 +112,6 @@ def degenerate(row: dict[str, str]) -> bool:
     """A pair that teaches nothing: both answers the same (whitespace aside), or one of them empty."""
     chosen, rejected = row["chosen"].strip(), row["rejected"].strip()
     return not chosen or not rejected or chosen == rejected
-
-
-def splits(rows: list[dict[str, str]], seed: int, source: Path) -> tuple[DatasetDict, dict[str, int]]:
-    """Train/val/test by `data.instruction_splits`, as `instruct` splits: the course's preference file holds the
-    instruction data's records in the same order, so the same seed puts the same instructions in each split. The
-    degenerate pairs are dropped after splitting (before, they would shift every later record's split); returns how
-    many per split."""
-    whole = data.instruction_splits(rows, seed, data.INSTRUCTION_FRACTIONS, source)
-    dropped = {name: sum(degenerate(row) for row in split) for name, split in whole.items()}
-    kept = DatasetDict({name: split.filter(lambda row: not degenerate(row)) for name, split in whole.items()})
-    empty = [name for name, split in kept.items() if len(split) == 0]
-    if empty:
-        raise UserError(f"{source}: no {empty[0]} pair is left once identical and empty pairs are dropped")
-    return kept, dropped
 
 
 def as_dataset(split: Dataset, prompts: list[str]) -> Dataset:

@@ -36,7 +36,9 @@ FROM_START = ("model", "method", "lora_r", "lora_alpha", "use_rslora", "target_m
 
 
 def load_splits(config: RunConfig) -> tuple[Path, DatasetDict]:
-    """The data file and its split, instruct's by construction (`pairs.splits`), degenerate pairs still in."""
+    """The data file and its split: `data.instruction_splits`, as instruct splits. The course's preference file holds
+    the instruction data's records in the same order, so the same seed puts the same records in each split.
+    Degenerate pairs are still in (dropped before them, they would shift every later record's split)."""
     path = data.resolve_data_file(data.PREFERENCE_DATA, config.data)
     return path, data.instruction_splits(pairs.read_pairs(path), config.seed, data.INSTRUCTION_FRACTIONS, path)
 
