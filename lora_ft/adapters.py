@@ -104,7 +104,7 @@ def load_with_base(
     from .models import ModelSource, base_mismatches, describe_base, source_from_manifest
 
     manifest = read_manifest(adapter)
-    if manifest.task != task:
+    if manifest.task not in tasks.TASKS or not tasks.same_kind(manifest.task, task):
         raise UserError(f"{adapter}: a '{manifest.task}' adapter, not a {task} one")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     if is_whole_model(manifest):  # its own weights: nothing to check them against, nothing to share

@@ -165,10 +165,11 @@ class ShowProgress(PredictionProgress):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
         self.close()
-        if not state.is_world_process_zero or not metrics:
+        if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:  # else not val: prefer's test
             return
         figures = [f"train loss {self.loss:.4f}"] if self.loss is not None else []
-        for name in dict.fromkeys(("loss", (args.metric_for_best_model or "loss").removeprefix("eval_"))):
+        best = (args.metric_for_best_model or "loss").removeprefix("eval_")
+        for name in dict.fromkeys(("loss", best, "rewards/accuracies")):  # the last: DPOTrainer's reward accuracy
             if f"eval_{name}" in metrics:
                 figures.append(f"val {name} {metrics[f'eval_{name}']:.4f}")
         epochs = f"/{args.num_train_epochs:g}" if args.max_steps <= 0 else ""

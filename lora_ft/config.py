@@ -29,6 +29,7 @@ FALLBACK_MODEL = "smollm2-135m"  # trained when no model is named and GPT-2 cann
 FALLBACK_RECIPES: dict[str, dict[str, Any]] = {
     "spam": {"model": FALLBACK_MODEL, "epochs": 1.0},
     "instruct": {"model": FALLBACK_MODEL, "epochs": 1.0, "test_limit": 20},
+    "prefer": {"model": FALLBACK_MODEL, "epochs": 0.25, "test_limit": 20},
 }
 # The architectures `bench --model` builds with random weights (no download): each transformers config class and
 # the keys that make it the named model. The vocabulary is the tokenizer's (GPT-2's unless `--tokenizer`).
@@ -46,6 +47,12 @@ BENCH_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 QUANTIZE = ("4bit", "8bit")
 METHODS = ("lora", "dora", "ia3", "vera", "full")  # what each is and can do: methods.METHODS
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+# TRL 1.16's DPO losses on (chosen, rejected) pairs; its `sft` (no preference) is left out. TRL has no stable
+# reference-free loss (ORPO, CPO and SimPO are in trl.experimental): every one here compares with the reference.
+DPO_LOSSES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+)  # fmt: skip
 
 
 def setting(
@@ -54,17 +61,20 @@ def setting(
     *,
     check: tuple[typing.Callable[[Any], bool], str] | None = None,
     choices: tuple[str, ...] | None = None,
-    task: str | None = None,
+    task: str | tuple[str, ...] | None = None,
+    flag: str | None = None,
     per_task: dict[str, Any] | None = None,
     internal: bool = False,
 ) -> Any:
     """A RunConfig field with everything about it in one place: its default (and where a task's differs, `per_task`),
-    the help text of its flag, the check a value must pass (a test and what it says), its `choices`, the one `task`
-    that reads it (None: every task), and whether it is `internal` (recorded by a run, set by no recipe or flag). None
-    passes every check: whether a field may be None is its type's business."""
+    the help text of its flag (and a shorter `flag` beside the one named after it), the check a value must pass (a test
+    and what it says), its `choices`, the `task` (or tasks) that read it (None: every task), and whether it is
+    `internal` (recorded by a run, set by no recipe or flag). None passes every check: whether a field may be None is
+    its type's business."""
     if choices is not None:
         check = (choices.__contains__, f"must be {'null or ' if default is None else ''}one of {', '.join(choices)}")
-    meta = {"help": help, "check": check, "choices": choices, "task": task, "per_task": per_task or {}}
+    tasks_ = (task,) if isinstance(task, str) else task
+    meta = {"help": help, "check": check, "choices": choices, "task": tasks_, "flag": flag, "per_task": per_task or {}}
     return dataclasses.field(default=default, metadata=meta | {"internal": internal})
 
 
@@ -85,13 +95,13 @@ class RunConfig:
     )
     data: str | None = setting(None, "data file (default: $LORA_FT_DATA_DIR, then the copy shipped with lora_ft)")
     output: str | None = setting(None, "adapter folder to write (default: adapters/<task>-<model>-<timestamp>)")
-    epochs: float = setting(3.0, "training epochs", check=POSITIVE, per_task={"instruct": 2.0})
+    epochs: float = setting(3.0, "training epochs", check=POSITIVE, per_task={"instruct": 2.0, "prefer": 1.0})
     max_steps: int | None = setting(None, "stop after this many optimiser steps", check=POSITIVE)
     batch_size: int = setting(8, "training batch size (per process)", check=POSITIVE)
     eval_batch_size: int = setting(
-        32, "evaluation (and generation) batch size", check=POSITIVE, per_task={"instruct": 16}
+        32, "evaluation (and generation) batch size", check=POSITIVE, per_task={"instruct": 16, "prefer": 16}
     )
-    lr: float = setting(5e-4, "learning rate", check=POSITIVE)
+    lr: float = setting(5e-4, "learning rate", check=POSITIVE, per_task={"prefer": 5e-5})
     weight_decay: float = setting(0.0, "AdamW weight decay", check=(lambda v: v >= 0, "must be >= 0"))
     warmup_ratio: float = setting(0.0, "share of steps spent warming up the learning rate", check=FRACTION)
     method: str = setting(
@@ -122,16 +132,16 @@ class RunConfig:
     )
     max_length: int = setting(
         256,
-        "longest input in tokens; longer ones are truncated (spam) or left out (instruct)",
+        "longest input in tokens; longer ones are truncated (spam) or left out (instruct, prefer)",
         check=POSITIVE,
-        per_task={"instruct": 512},
+        per_task={"instruct": 512, "prefer": 512},
     )
     balance: bool = setting(True, "undersample larger classes to the smallest", task="spam")
     max_new_tokens: int = setting(
         256,
         "longest generated response in tokens (generation stops earlier at EOS)",
         check=POSITIVE,
-        task="instruct",
+        task=("instruct", "prefer"),
     )
     max_eval_samples: int | None = setting(
         None,
@@ -139,8 +149,19 @@ class RunConfig:
         check=POSITIVE,
     )
     test_limit: int | None = setting(
-        None, "generate for only the first N test examples", check=POSITIVE, task="instruct"
+        None, "generate for only the first N test examples", check=POSITIVE, task=("instruct", "prefer")
     )
+    from_adapter: str | None = setting(
+        None,
+        "instruct adapter to continue: its base and method, and the reference policy (frozen); default: new LoRA on "
+        "the base, the base the reference",
+        task="prefer",
+        flag="--from",
+    )
+    beta: float = setting(
+        0.1, "DPO's beta: higher keeps the policy nearer the reference", check=POSITIVE, task="prefer"
+    )
+    loss_type: str = setting("sigmoid", "TRL's DPO loss (sigmoid: the DPO paper's)", choices=DPO_LOSSES, task="prefer")
     precision: str = setting(
         "auto",
         "auto: bf16 autocast where the hardware runs bf16 natively, fp16 on older GPUs, else fp32",
@@ -172,7 +193,8 @@ def settings(task: str | None = None, internal: bool = False) -> list[dataclasse
     return [
         f
         for f in dataclasses.fields(RunConfig)
-        if (task is None or f.metadata["task"] in (None, task)) and (internal or not f.metadata["internal"])
+        if (task is None or f.metadata["task"] is None or task in f.metadata["task"])
+        and (internal or not f.metadata["internal"])
     ]
 
 
@@ -207,9 +229,11 @@ def validate(values: dict[str, Any], source: str, task: str | None = None) -> di
             raise UserError(f"{source}: unknown key {_shown(key)} (known: {', '.join(fields)})")
         else:
             field = fields[key]
-        owner = field.metadata["task"]
-        if task in TASKS and owner not in (None, task):
-            raise UserError(f"{source}: '{key}' belongs to task {owner}, not {task}")
+        owners = field.metadata["task"]
+        if task in TASKS and owners is not None and task not in owners:
+            raise UserError(
+                f"{source}: '{key}' belongs to task{'s' * (len(owners) > 1)} {' and '.join(owners)}, not {task}"
+            )
         if not _type_ok(value, hints[key]):
             raise UserError(f"{source}: '{key}' must be {_type_name(hints[key])}, got {_shown(value)}")
         test, must = field.metadata["check"] or (None, "")
@@ -288,7 +312,7 @@ def choose_model(task: str, defaults: dict[str, Any], chosen: dict[str, Any]) ->
     if chosen.get("model", ...) is None:  # `model: null` in a recipe asks for the default, as leaving it out does
         chosen = {k: v for k, v in chosen.items() if k != "model"}
     values = defaults | chosen
-    if values.get("model") is not None:
+    if values.get("model") is not None or values.get("from_adapter"):  # continuing an adapter: its base (prefer)
         return values
     why = gpt2_unavailable()
     if why is None:
@@ -302,7 +326,7 @@ def choose_model(task: str, defaults: dict[str, Any], chosen: dict[str, Any]) ->
 def with_model(config: RunConfig) -> RunConfig:
     """`config` as it is when it names a model; else with GPT-2 or the fallback model (not its recipe: a config
     built in Python says what it wants)."""
-    if config.model is not None:
+    if config.model is not None or config.from_adapter:
         return config
     chosen = choose_model(config.task, {}, {})
     return dataclasses.replace(config, model=chosen["model"], model_fallback=chosen.get("model_fallback"))

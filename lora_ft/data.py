@@ -49,6 +49,11 @@ INSTRUCTION_DATA = KnownDataset(
     sha256="7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
 )
 
+PREFERENCE_DATA = KnownDataset(
+    relpath="preference_data/instruction-data-with-preference.json",
+    sha256="305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+)
+
 
 def resolve_data_file(known: KnownDataset, path: str | None = None) -> Path:
     """`path` if given; else $LORA_FT_DATA_DIR/<relpath> if it is there; else the copy shipped with lora_ft, checked

@@ -40,9 +40,10 @@ class Manifest(dict):
     labels: dict[str, int] | None = Section()  # a classifier's label name -> id
     generation: dict[str, Any] | None = Section()  # instruct: how the test answers were generated
     merge: dict[str, Any] | None = Section()  # a merged export: onto what, how, and the check
+    preference: dict[str, Any] | None = Section()  # prefer: the starting adapter, the reference, beta, the loss
     REQUIRED = ("task", "created", "config", "base", "lora", "data", "metrics", "training", "versions")
     TEXTS = ("task", "created")  # strings; the other sections are JSON objects
-    OPTIONAL = ("labels", "generation", "merge")  # objects, or null or absent
+    OPTIONAL = ("labels", "generation", "merge", "preference")  # objects, or null or absent
 
     @property
     def run_config(self) -> RunConfig:

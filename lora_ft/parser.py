@@ -40,7 +40,8 @@ def _add_train_flags(
             options["nargs"] = "+"
         else:
             options["type"] = kind
-        parser.add_argument(flag, **options)
+        short = (meta["flag"],) if meta["flag"] else ()  # `--from` for `from_adapter`
+        parser.add_argument(*short, flag, dest=field.name, **options)
     if not one_run:
         return
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")

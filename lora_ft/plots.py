@@ -34,6 +34,24 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_metric(log_history: list[dict[str, Any]], key: str, label: str, path: Path) -> None:
+    """A logged metric (TRL's `rewards/margins`, say) per training logging step and per val evaluation, against
+    epochs."""
+    plt = _pyplot()
+    train = [(e["epoch"], e[key]) for e in log_history if key in e and "epoch" in e]
+    # val evaluations log `eval_loss`; TRL names its other figures eval_* on a test evaluation too
+    val = [(e["epoch"], e[f"eval_{key}"]) for e in log_history if f"eval_{key}" in e and "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for points, name, style in ((train, "train", "-"), (val, "val", "o--")):
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=name)
+    ax.set(xlabel="epoch", ylabel=label, title=f"train and val {label}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 

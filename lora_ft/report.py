@@ -55,6 +55,24 @@ def instruct_table(metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def prefer_table(metrics: dict[str, dict[str, Any]]) -> str:
+    """What DPO changed on the test pairs: the starting point against the tuned adapter."""
+    start, tuned = metrics["test_start"], metrics["test"]
+    rows = [
+        ("DPO loss", "loss", ".4f"),
+        ("reward accuracy", "reward_accuracy", ".1%"),
+        ("reward margin", "reward_margin", ".4f"),
+        ("ROUGE-L vs chosen", "rouge_l_chosen", ".4f"),
+        ("ROUGE-L vs rejected", "rouge_l_rejected", ".4f"),
+        ("ROUGE-L gap", "rouge_l_gap", "+.4f"),
+        ("EOS share", "eos_share", ".0%"),
+        ("mean new tokens", "mean_new_tokens", ".1f"),
+    ]
+    lines = [f"{'test, ' + str(tuned['examples']) + ' answered':<22}{'start':>10}{'tuned':>10}"]
+    lines += [f"{name:<22}{format(start[key], how):>10}{format(tuned[key], how):>10}" for name, key, how in rows]
+    return "\n".join(lines)
+
+
 def size(n: float) -> str:
     if n < 1000:
         return f"{n:.0f} B"

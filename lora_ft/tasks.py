@@ -92,8 +92,24 @@ TASKS = {
         "generate",
         "CAUSAL_LM",
     ),
+    "prefer": Task(
+        "prefer",
+        "lora_ft.prefer",
+        "preference-tune with LoRA (TRL DPOTrainer), from an instruct adapter or the base",
+        "reward_accuracy",
+        "AutoModelForCausalLM",
+        "generate",
+        "CAUSAL_LM",
+    ),
 }
 NAMES = tuple(TASKS)
+
+
+def same_kind(one: str, other: str) -> bool:
+    """Adapters of the two tasks load and answer alike (a `prefer` adapter is an instruction-following causal LM, as
+    an `instruct` one is): same Auto class, same answers, same PEFT task type."""
+    a, b = get(one), get(other)
+    return (a.model_class, a.serves, a.peft_task_type) == (b.model_class, b.serves, b.peft_task_type)
 
 
 def get(name: Any, where: str = "task") -> Task:

@@ -184,12 +184,21 @@ def manifest(
     )
 
 
-def save(run: Start, folder: Path, model: PeftModel, manifest: Manifest, trainer: Trainer) -> None:
-    """From the main process: PEFT's adapter, the tokenizer, the manifest and the loss plot into `folder`.
-    Every process calls it: sharded weights are gathered first, which takes all of them."""
+def save(
+    run: Start,
+    folder: Path,
+    model: PeftModel,
+    manifest: Manifest,
+    trainer: Trainer,
+    adapter_names: list[str] | None = None,
+) -> None:
+    """From the main process: PEFT's adapter (of several on the model, those in `adapter_names`), the tokenizer, the
+    manifest and the loss plot into `folder`. Every process calls it: sharded weights are gathered first, which takes
+    all of them."""
     state = gathered_state(trainer.model_wrapped, trainer.accelerator)
     if run.processes.is_main_process:
-        adapters.save_adapter(model, run.tokenizer, folder, state, **methods.save_kwargs(folder))
+        how = methods.save_kwargs(folder) | ({"selected_adapters": adapter_names} if adapter_names else {})
+        adapters.save_adapter(model, run.tokenizer, folder, state, **how)
         methods.finish_conversion(model, folder)
         adapters.write_manifest(folder, manifest)
         plots.plot_loss(trainer.state.log_history, folder / "loss.png")

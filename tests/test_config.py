@@ -22,7 +22,9 @@ def test_setting_of_another_task_is_refused(tmp_path: Path):
     recipe.write_text("balance: false\n")
     with pytest.raises(UserError, match="'balance' belongs to task spam, not instruct"):
         load_config("instruct", recipe)
-    with pytest.raises(UserError, match="command line: 'max_new_tokens' belongs to task instruct, not spam"):
+    with pytest.raises(
+        UserError, match="command line: 'max_new_tokens' belongs to tasks instruct and prefer, not spam"
+    ):
         load_config("spam", overrides={"max_new_tokens": 5})
 
 
