@@ -4,6 +4,7 @@ and read, the adapter loaded back onto its base (checked to be the one it was tr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ def load_with_base(
     if manifest.task != task:
         raise UserError(f"{adapter}: a '{manifest.task}' adapter, not a {task} one")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
+    check_template(adapter, tokenizer, manifest)
     if is_whole_model(manifest):  # its own weights: nothing to check them against, nothing to share
         own = ModelSource(str(adapter), "local", str(Path(adapter).resolve()))
         whole = load_base(own, tokenizer, manifest, None, "fp32")
@@ -142,6 +144,24 @@ def load_with_base(
         why = next((line for line in lines if line.startswith("size mismatch")), lines[0])
         raise UserError(f"{adapter}: its weights do not fit {source.spec} ({why})") from None
     return Loaded(model, tokenizer, manifest, info, mismatches)
+
+
+def check_template(folder: str | Path, tokenizer: Any, manifest: Manifest) -> None:
+    """The chat template `tokenizer` (loaded from `folder`) carries is the one the manifest records, byte for byte: a
+    template is code that decides every prompt, and one changed since training would answer (and be exported, merged
+    or to GGUF) in a format the adapter never learned."""
+    recorded = (manifest.data or {}).get("chat_template")
+    if not isinstance(recorded, dict):  # trained on instructions: its prompts are lora_ft's Alpaca format
+        return
+    template = tokenizer.chat_template
+    found = hashlib.sha256(template.encode("utf-8")).hexdigest() if isinstance(template, str) else None
+    if found != recorded.get("sha256"):
+        where = Path(folder) / ("chat_template.jinja" if (Path(folder) / "chat_template.jinja").is_file() else "")
+        shown = f"sha256 {found[:12]}…" if found else "none"
+        raise UserError(
+            f"{where}: the chat template is not the one it was trained with ({shown}, the manifest records "
+            f"sha256 {str(recorded.get('sha256'))[:12]}…): restore it"
+        )
 
 
 @dataclass

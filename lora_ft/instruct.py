@@ -406,7 +406,7 @@ def check_texts(manifest: Manifest, count: int) -> list[str]:
     if not chat.is_chat(test):
         return [row["prompt"] + row["output"] for row in test]
     tokenizer = models.load_tokenizer(models.source_from_manifest(manifest.base))
-    tokenizer.chat_template = manifest.data["chat_template"]["template"]
+    tokenizer.chat_template = chat.recorded_template(manifest)
     return [chat.render(tokenizer, messages) for messages in test["messages"]]
 
 
