@@ -196,3 +196,20 @@ def test_a_request_that_fails_inside_a_batch_fails_alone(chat_run, monkeypatch):
         assert kind == "done" and generation.response == alone[prompt]
     assert registry.stats.snapshot()["largest_batch"] == 3
 
+
+def test_greedy_answers_do_not_depend_on_their_batch_mates(tiny_gpt2: Path):
+    """Prompts of very different lengths (a few tokens to most of the tiny model's 256 positions), in float32: each
+    answered in one batch equals it answered alone, token for token, and a short one keeps its whole room although
+    a long one is beside it (it was cut to what the long one left)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = GPT2TokenizerFast.from_pretrained(tiny_gpt2)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.float32).eval()
+    prompts = ["Say hi.", "word " * 230, "Name three colors.", "story " * 120, "Why?"]
+    alone = [instruct.generate(model, tokenizer, [prompt], 60)[0] for prompt in prompts]
+    together = instruct.generate(model, tokenizer, prompts, 60, batch_size=len(prompts))
+    assert together == alone
+    assert alone[0].new_tokens == 60 or alone[0].stopped_at_eos
+    assert together[1].new_tokens <= 256 - 230
