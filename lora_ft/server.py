@@ -396,6 +396,8 @@ def create_app(registry: serve.Registry, api_key: str | None = None) -> FastAPI:
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to `host`:`port` (0: any free port), before the models load, so that a port in use is said at
     once and in one line."""
+    if not 0 <= port <= 65535:  # the socket layer would take it modulo 65536, or blame the host
+        raise UserError(f"`port` must be in [0, 65535], got {port}")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:

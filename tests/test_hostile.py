@@ -213,3 +213,22 @@ def test_greedy_answers_do_not_depend_on_their_batch_mates(tiny_gpt2: Path):
     assert together == alone
     assert alone[0].new_tokens == 60 or alone[0].stopped_at_eos
     assert together[1].new_tokens <= 256 - 230
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["spam", "--lr", "inf"],
+        ["spam", "--weight-decay", "inf"],
+        ["spam", "--epochs", "nan"],
+        ["instruct", "--epochs", "inf"],
+        ["spam", "--lora-alpha", "100000000000"],
+        ["serve", "nowhere", "--port", "70000"],
+        ["serve", "nowhere", "--port", "-1"],
+    ],
+)
+def test_non_finite_or_absurd_numbers_stop_before_anything_loads(args: list[str], tmp_path: Path):
+    done = run_cli(*args, "--output", str(tmp_path / "out")) if args[0] != "serve" else run_cli(*args)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and args[-2] in done.stderr.replace("'", "--").replace("_", "-")
+    assert not (tmp_path / "out").exists()
