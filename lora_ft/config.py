@@ -208,7 +208,7 @@ def validate(values: dict[str, Any], source: str, task: str | None = None) -> di
     return values
 
 
-LARGEST = 2**31  # no setting means anything above it (a C int); inf and nan mean nothing anywhere
+LARGEST = 2**32  # no setting means anything this large (seeds go up to it); inf and nan mean nothing anywhere
 
 
 def _sane_number(value: Any) -> bool:
