@@ -4,6 +4,7 @@ and read, the adapter loaded back onto its base (checked to be the one it was tr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ def load_with_base(
     if manifest.task not in tasks.TASKS or not tasks.same_kind(manifest.task, task):
         raise UserError(f"{adapter}: a '{manifest.task}' adapter, not a {task} one")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
+    check_template(adapter, tokenizer, manifest)
     if is_whole_model(manifest):  # its own weights: nothing to check them against, nothing to share
         own = ModelSource(str(adapter), "local", str(Path(adapter).resolve()))
         whole = load_base(own, tokenizer, manifest, None, "fp32")
@@ -146,6 +148,24 @@ def load_with_base(
     if base_is_bf16(model):
         skip_input_casts(model)
     return Loaded(model, tokenizer, manifest, info, mismatches)
+
+
+def check_template(folder: str | Path, tokenizer: Any, manifest: Manifest) -> None:
+    """The chat template `tokenizer` (loaded from `folder`) carries is the one the manifest records, byte for byte: a
+    template is code that decides every prompt, and one changed since training would answer (and be exported, merged
+    or to GGUF) in a format the adapter never learned."""
+    recorded = (manifest.data or {}).get("chat_template")
+    if not isinstance(recorded, dict):  # trained on instructions: its prompts are lora_ft's Alpaca format
+        return
+    template = tokenizer.chat_template
+    found = hashlib.sha256(template.encode("utf-8")).hexdigest() if isinstance(template, str) else None
+    if found != recorded.get("sha256"):
+        where = Path(folder) / ("chat_template.jinja" if (Path(folder) / "chat_template.jinja").is_file() else "")
+        shown = f"sha256 {found[:12]}…" if found else "none"
+        raise UserError(
+            f"{where}: the chat template is not the one it was trained with ({shown}, the manifest records "
+            f"sha256 {str(recorded.get('sha256'))[:12]}…): restore it"
+        )
 
 
 @dataclass

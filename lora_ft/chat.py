@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, DatasetDict
-from jinja2 import TemplateError
 
-from . import data
+from . import data, sandbox
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -178,27 +177,37 @@ def use_template(tokenizer: Any) -> dict[str, str]:
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False, where: str = "") -> str:
-    """`messages` as text in the tokenizer's chat template (transformers' own rendering); a template that refuses
-    them (some insist that roles alternate) is a UserError naming `where`."""
+    """`messages` as text in the tokenizer's chat template, rendered as transformers renders it but in lora_ft's
+    sandbox (bounded in time, memory and size: sandbox.py); a template that refuses them (some insist that roles
+    alternate) or runs over a bound is a UserError naming `where`."""
+    return render_all(tokenizer, [(messages, add_generation_prompt)], where)[0]
+
+
+def render_all(tokenizer: Any, conversations: list[tuple[list[dict[str, str]], bool]], where: str = "") -> list[str]:
+    """Several (messages, add_generation_prompt) rendered in one call to the sandbox."""
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        raise UserError(f"{where or 'the conversation'}: the tokenizer has no chat template")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
+        return sandbox.render(template, conversations, tokenizer.special_tokens_map)
+    except sandbox.TemplateRefused as e:
         raise UserError(f"{where or 'the conversation'}: the chat template refuses it ({e})") from None
+    except UserError as e:
+        raise UserError(f"{where or 'the conversation'}: {e}") from None
 
 
 def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
     """The conversation rendered, and each assistant turn's characters in it: from the end of the turns before it
     rendered with the generation prompt to the end of the turns up to it, so a turn's end-of-turn/EOS token is in its
     span. That asks of a template only that earlier turns render the same once later ones follow, which is checked."""
-    text = render(tokenizer, messages, where=where)
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    asked = [(messages, False)] + [c for i in turns for c in ((messages[:i], True), (messages[: i + 1], False))]
+    text, *prefixes = render_all(tokenizer, asked, where)  # one call to the sandbox for the whole conversation
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            before = render(tokenizer, messages[:i], add_generation_prompt=True, where=where)
-            through = render(tokenizer, messages[: i + 1], where=where)
-            if not (through.startswith(before) and text.startswith(through)):
-                raise UserError(f"{where}: the chat template renders earlier turns differently once later ones follow")
-            spans.append((len(before), len(through)))
+    for before, through in zip(prefixes[::2], prefixes[1::2], strict=True):
+        if not (through.startswith(before) and text.startswith(through)):
+            raise UserError(f"{where}: the chat template renders earlier turns differently once later ones follow")
+        spans.append((len(before), len(through)))
     return text, spans
 
 
@@ -256,6 +265,16 @@ def as_given(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- prompts at answering time ----------------------------------------------------------------------------------
+
+
+def recorded_template(manifest: Manifest) -> str:
+    """The chat template a manifest records, checked against the sha256 it records beside it (a hand-edited
+    lora_ft.json would otherwise build merge's check prompts in a template the adapter never saw)."""
+    recorded = manifest.data.get("chat_template")
+    template = recorded.get("template") if isinstance(recorded, dict) else None
+    if not isinstance(template, str) or hashlib.sha256(template.encode("utf-8")).hexdigest() != recorded.get("sha256"):
+        raise UserError("lora_ft.json: data.chat_template.template is missing or does not match its sha256")
+    return template
 
 
 def trained_on_chat(manifest: Manifest) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import reprlib
 import types
 import typing
@@ -236,10 +237,23 @@ def validate(values: dict[str, Any], source: str, task: str | None = None) -> di
             )
         if not _type_ok(value, hints[key]):
             raise UserError(f"{source}: '{key}' must be {_type_name(hints[key])}, got {_shown(value)}")
+        if not _sane_number(value):
+            raise UserError(f"{source}: '{key}' must be a finite number under {LARGEST:,}, got {_shown(value)}")
         test, must = field.metadata["check"] or (None, "")
         if value is not None and test is not None and not test(value):
             raise UserError(f"{source}: '{key}' {must}, got {_shown(value)}")
     return values
+
+
+LARGEST = 2**32  # no setting means anything this large (seeds go up to it); inf and nan mean nothing anywhere
+
+
+def _sane_number(value: Any) -> bool:
+    """Every numeric setting is finite and below LARGEST in size: checked here, once for all of them, so that
+    `--lr inf` or `lora_alpha: 1e20` stop before anything loads, not as a failure after training."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    return math.isfinite(value) and abs(value) < LARGEST
 
 
 def _shown(value: Any) -> str:

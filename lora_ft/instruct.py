@@ -215,21 +215,39 @@ def generate(
     desc: str = "answering",
 ) -> list[Generation]:
     """Responses to `prompts` (already templated), greedy unless `temperature` > 0, each ending at EOS or after
-    `max_new_tokens`. Prompts run shortest first, left-padded, `batch_size` at a time; results come back in order."""
-    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i])["input_ids"]))
+    `max_new_tokens` (or what the model's context leaves after it). Prompts run shortest first, left-padded, up to
+    `batch_size` at a time; results come back in order. A greedy answer does not depend on its batch-mates: left
+    padding is masked (and positions follow the mask), and a batch never holds a prompt so long that the room it
+    leaves would cut a shorter one's answer (`_batches`)."""
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
+    context = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name
+    room = [min(max_new_tokens, context - n) if context else max_new_tokens for n in lengths]  # each one's, alone
     results: dict[int, Generation] = {}
     sampling = sampling_args(temperature, top_p)
     shown = progress.bar(total=len(prompts), desc=desc, unit="answer", hidden=len(prompts) <= batch_size)
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            rows = generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, sampling)
+        for chunk in _batches(lengths, room, context, batch_size):
+            rows = generate_batch(model, tokenizer, [prompts[i] for i in chunk], room[chunk[0]], sampling)
             for i, row in zip(chunk, rows, strict=True):
-                results[i] = answer(tokenizer, prompts[i], row)
+                results[i] = answer(tokenizer, prompts[i], row[: room[i]])
             shown.update(len(chunk))
     finally:
         shown.close()
     return [results[i] for i in range(len(prompts))]
+
+
+def _batches(lengths: list[int], room: list[int], context: int | None, batch_size: int) -> list[list[int]]:
+    """Prompts in batches, shortest first. A batch is as wide as its longest prompt, and what that width leaves of
+    the context must be the whole room of its shortest one (the others' room is no larger): a long prompt beside a
+    short one would otherwise cut the short one's answer."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and (context is None or lengths[i] + room[last[0]] <= context):
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def sampling_args(temperature: float, top_p: float) -> dict[str, Any]:
@@ -459,7 +477,7 @@ def check_texts(manifest: Manifest, count: int) -> list[str]:
     if not chat.is_chat(test):
         return [row["prompt"] + row["output"] for row in test]
     tokenizer = models.load_tokenizer(models.source_from_manifest(manifest.base))
-    tokenizer.chat_template = manifest.data["chat_template"]["template"]
+    tokenizer.chat_template = chat.recorded_template(manifest)
     return [chat.render(tokenizer, messages) for messages in test["messages"]]
 
 

@@ -62,6 +62,7 @@ class Job:
     sampling: Sampling | None = None
     stream: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
+    shown: str = ""  # the text streamed so far (kept here, so that a row run again alone does not repeat it)
 
     @property
     def key(self) -> tuple:
@@ -89,9 +90,11 @@ class Adapter:
     base: Base
     peft_name: str
     weight_bytes: int = 0
+    checking: threading.Lock = field(default_factory=threading.Lock)  # requests are checked in several threads
 
     def count_tokens(self, text: str) -> int:
-        return len(self.checker(text)["input_ids"])
+        with self.checking:
+            return len(self.checker(text)["input_ids"])
 
     def describe(self) -> dict[str, Any]:
         """What /v1/models says of it."""
@@ -142,10 +145,21 @@ class Base:
             try:
                 with self.using:
                     self._run(batch)
-            except Exception as e:  # a failed batch answers its own requests with an error; the server goes on
+            except Exception as e:  # a failed batch: each request runs again alone, so only one that fails alone fails
                 log.exception("batch of %d for %s failed", len(batch), batch[0].adapter.name)
+                if len(batch) == 1:
+                    batch[0].notify("error", f"{type(e).__name__}: {e}")
+                    continue
                 for job in batch:
-                    job.notify("error", f"{type(e).__name__}: {e}")
+                    self._run_alone(job)
+
+    def _run_alone(self, job: Job) -> None:
+        try:
+            with self.using:
+                self._run([job])
+        except Exception as e:
+            log.exception("request for %s failed", job.adapter.name)
+            job.notify("error", f"{type(e).__name__}: {e}")
 
     def _take(self) -> list[Job]:
         """The oldest waiting job and the ones that can share its forward pass, after a short wait for more."""
@@ -200,7 +214,7 @@ def _generate(model: Any, adapter: Adapter, batch: list[Job]) -> None:
     # Sampling draws from torch's one global generator: one sampling batch at a time (across bases), so that a seed
     # alone decides its sample. A seeded job runs alone (see Job.key).
     with _SAMPLING if sampling.temperature > 0 else contextlib.nullcontext():
-        if sampling.seed is not None:
+        if sampling.temperature > 0 and sampling.seed is not None:  # greedy rows share batches: no seed of theirs
             set_seed(sampling.seed)
         instruct.generate_batch(
             model,
@@ -227,7 +241,6 @@ class _Watch(StoppingCriteria):
     def __init__(self, jobs: list[Job], tokenizer: Any):
         self.jobs, self.tokenizer = jobs, tokenizer
         self.tokens: list[list[int]] = [[] for _ in jobs]
-        self.shown = [""] * len(jobs)
         self.width = 0  # the padded prompts' length
 
     def put(self, value: torch.Tensor) -> None:
@@ -274,9 +287,10 @@ class _Watch(StoppingCriteria):
         incomplete (its bytes split across tokens) are held back, so that the pieces add up to the final answer."""
         if not final:
             text = text.rstrip().removesuffix("\ufffd")
-        if len(text) > len(self.shown[i]):
-            self.jobs[i].notify("text", text[len(self.shown[i]) :])
-            self.shown[i] = text
+        job = self.jobs[i]
+        if len(text) > len(job.shown):
+            job.notify("text", text[len(job.shown) :])
+            job.shown = text
 
 
 def _finish_reason(generation: instruct.Generation) -> str:

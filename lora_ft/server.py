@@ -20,17 +20,29 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.sse import format_sse_event
-from pydantic import BaseModel, Field, Strict
+from pydantic import AfterValidator, BaseModel, Field, Strict
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from . import serve
+from . import sandbox, serve
 from .errors import UserError
 
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
 BACKLOG = 2048  # connections the kernel holds before uvicorn accepts them (uvicorn's default)
 
-StrictStr = Annotated[str, Strict()]
+
+def _valid_text(text: str) -> str:
+    """Text the tokenizer can encode: a lone surrogate (JSON's "\\ud800", which no UTF-8 holds) is refused here, in
+    the request's own 400, rather than failing inside a batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate ({text[e.start]!a}) at character {e.start}: not Unicode") from None
+    return text
+
+
+StrictStr = Annotated[str, Strict(), AfterValidator(_valid_text)]
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
 StrictFloat = Annotated[float, Strict()]  # a JSON integer is accepted too
@@ -51,7 +63,7 @@ class _Sampling(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat = Field(0.0, ge=0, le=2)  # lora_ft's default is greedy, as `generate`'s
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=0, lt=2**32)  # numpy's and torch's seeds, as `generate --seed`
     stream: StrictBool = False
     n: StrictInt = Field(1, ge=1, le=1)  # one answer per prompt
 
@@ -131,11 +143,13 @@ class _Relay:
                 raise ApiError(500, f"the batch failed: {value}", "server_error")
 
 
-def _submit(start: Any) -> tuple[serve.Job, _Relay]:
-    """Queue a job made by `start(notify)`; the registry's refusals become API errors."""
+async def _submit(start: Any) -> tuple[serve.Job, _Relay]:
+    """Queue a job made by `start(notify)`, in a worker thread: checking a request renders its prompt (in the
+    template sandbox) and tokenizes it, which must not hold up the event loop (/health, other requests, signals).
+    The registry's refusals become API errors."""
     relay = _Relay()
     try:
-        return start(relay.notify), relay
+        return await run_in_threadpool(start, relay.notify), relay
     except serve.NotFound as e:
         raise ApiError(404, str(e).replace("`", ""), code="model_not_found") from None
     except UserError as e:
@@ -196,6 +210,18 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
+class _QuietShutdown:
+    """ASGI middleware: a request still running when shutdown's grace period ends is cancelled by uvicorn; it ends
+    there quietly (its client's connection closes) instead of as an ASGI traceback in the log."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.app(scope, receive, send)
+
+
 def _usage(job: serve.Job, generated: int) -> dict[str, int]:
     prompt = sum(job.lengths)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
@@ -245,7 +271,7 @@ def _routes(registry: serve.Registry) -> APIRouter:
     @router.post("/classify")
     async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
         texts = [body.input] if isinstance(body.input, str) else body.input
-        job, relay = _submit(lambda notify: registry.classify(body.model, texts, notify))
+        job, relay = await _submit(lambda notify: registry.classify(body.model, texts, notify))
         predictions = await relay.result(request, job)
         data = [
             {"index": i, "label": p.label, "score": p.score, "truncated": p.truncated}
@@ -263,8 +289,9 @@ def _routes(registry: serve.Registry) -> APIRouter:
         queued: list[tuple[serve.Job, _Relay]] = []
         try:
             for prompt in prompts:
-                queued.append(_generate(registry, body, {"instruction": prompt, "input": body.input, "raw": body.raw}))
-        except ApiError:
+                request = {"instruction": prompt, "input": body.input, "raw": body.raw}
+                queued.append(await _generate(registry, body, request))
+        except BaseException:
             for job, _ in queued:  # all or nothing: the prompts already queued are not answered
                 job.cancel()
             raise
@@ -277,7 +304,11 @@ def _routes(registry: serve.Registry) -> APIRouter:
 
         if body.stream:
             return _stream(request, *queued[0], chunk)
-        answers = [await relay.result(request, job) for job, relay in queued]
+        try:
+            answers = [await relay.result(request, job) for job, relay in queued]
+        finally:  # a client gone (or a failed row) stops every row of the request, not just the one awaited
+            for job, _ in queued:
+                job.cancel()
         choices = [chunk(g.response, finish, i)["choices"][0] for i, (g, finish) in enumerate(answers)]
         usage = [_usage(job, g.new_tokens) for (job, _), (g, _) in zip(queued, answers, strict=True)]
         total = {k: sum(u[k] for u in usage) for k in usage[0]}
@@ -286,7 +317,9 @@ def _routes(registry: serve.Registry) -> APIRouter:
     @router.post("/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> dict[str, Any] | StreamingResponse:
         body.max_tokens = body.max_completion_tokens or body.max_tokens
-        job, relay = _generate(registry, body, {"instruction": body.instruction(), "messages": body.conversation()})
+        job, relay = await _generate(
+            registry, body, {"instruction": body.instruction(), "messages": body.conversation()}
+        )
         ident, created = _ids("chatcmpl")
 
         def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
@@ -306,9 +339,10 @@ def _routes(registry: serve.Registry) -> APIRouter:
     return router
 
 
-def _generate(registry: serve.Registry, body: _Sampling, request: dict[str, Any]) -> tuple[serve.Job, _Relay]:
+async def _generate(registry: serve.Registry, body: _Sampling, request: dict[str, Any]) -> tuple[serve.Job, _Relay]:
     request["stream"] = body.stream
-    return _submit(lambda notify: registry.generate(body.model, request, body.max_tokens, body.sampling(), notify))
+    sampling = body.sampling()
+    return await _submit(lambda notify: registry.generate(body.model, request, body.max_tokens, sampling, notify))
 
 
 def _key_check(api_key: str | None) -> Any:
@@ -325,12 +359,19 @@ def _key_check(api_key: str | None) -> Any:
     return check
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    sandbox.stop()  # renders still running end now: their threads would hold the process's exit for up to their bound
+
+
 def create_app(registry: serve.Registry, api_key: str | None = None) -> FastAPI:
     """The API under /v1 (behind `api_key` when given), /health, and the page at /."""
     limits = registry.limits
     body_limit = 4 * limits.max_input_chars * limits.max_batch_size + (64 << 10)  # UTF-8 and JSON around the texts
-    app = FastAPI(title="lora_ft serve", docs_url=None, redoc_url=None)
+    app = FastAPI(title="lora_ft serve", docs_url=None, redoc_url=None, lifespan=_lifespan)
     app.add_middleware(_BodyLimit, limit=body_limit)
+    app.add_middleware(_QuietShutdown)
     _install_errors(app)
     dependencies = [Depends(_key_check(api_key))]
     app.include_router(_routes(registry), prefix="/v1", dependencies=dependencies, max_body_size=body_limit)
@@ -355,6 +396,8 @@ def create_app(registry: serve.Registry, api_key: str | None = None) -> FastAPI:
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to `host`:`port` (0: any free port), before the models load, so that a port in use is said at
     once and in one line."""
+    if not 0 <= port <= 65535:  # the socket layer would take it modulo 65536, or blame the host
+        raise UserError(f"`port` must be in [0, 65535], got {port}")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:

@@ -185,6 +185,7 @@ def test_a_seeded_sample_equals_generates_and_repeats(served, client):
 
 LONG_PROMPT = " ".join(["word"] * 400)  # under the character limit, over the tiny model's 256 positions
 # (method, path, body: a JSON value or raw bytes, status, words of the message)
+LONE_SURROGATE = {"role": "user", "content": "\ud83d"}  # half of an emoji: no UTF-8 holds it
 BAD_REQUESTS = [
     ("POST", "/v1/classify", {"model": "nope", "input": "hi"}, 404, "not served"),
     ("POST", "/v1/classify", {"model": "/tmp/spam-tiny", "input": "hi"}, 404, "not served"),
@@ -218,6 +219,11 @@ BAD_REQUESTS = [
         "no user message",
     ),
     ("POST", "/v1/chat/completions", {"model": "chat-b", "messages": [{"role": "x", "content": "a"}]}, 400, "role"),
+    ("POST", "/v1/completions", {"model": "chat-b", "prompt": "hi", "seed": -1}, 400, "seed:"),
+    ("POST", "/v1/completions", {"model": "chat-b", "prompt": "hi", "seed": 2**32}, 400, "seed:"),
+    ("POST", "/v1/completions", {"model": "chat-b", "prompt": "a\ud800b"}, 400, "lone surrogate"),
+    ("POST", "/v1/classify", {"model": "spam-tiny", "input": ["ok", "\udfff"]}, 400, "lone surrogate"),
+    ("POST", "/v1/chat/completions", {"model": "chat-b", "messages": [LONE_SURROGATE]}, 400, "lone surrogate"),
     ("POST", "/v1/classify", b"model=spam-tiny", 400, "Content-Type: application/json"),
     ("POST", "/v1/classify", {"model": "spam-tiny", "input": "x" * 1_500_000}, 413, "over this server"),
     ("GET", "/v1/nothing", None, 404, "Not Found"),
@@ -255,6 +261,47 @@ def test_a_cancelled_stream_stops_generating(client):
         time.sleep(0.05)
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["tokens"] - before["tokens"] < 150
+
+
+def test_a_dropped_request_stops_every_one_of_its_rows(served, client):
+    """16 prompts in one request, its client gone after a second: all 16 rows stop, not only the one awaited."""
+    before = client.get("/health").json()["stats"]
+    body = {"model": "chat-b", "prompt": [f"Tell story {i}." for i in range(16)], "max_tokens": 200}
+    with httpx.Client(base_url=served[0].url, timeout=1.0) as impatient, contextlib.suppress(httpx.TimeoutException):
+        impatient.post("/v1/completions", json=body)
+    for _ in range(200):
+        after = client.get("/health").json()["stats"]
+        if after["cancelled"] >= before["cancelled"] + 16:
+            break
+        time.sleep(0.05)
+    assert after["cancelled"] == before["cancelled"] + 16
+    assert after["tokens"] - before["tokens"] < 16 * 200 / 2
+
+
+def test_a_poisoned_request_fails_alone_among_good_ones(served, client):
+    """A request refused at the edge (a seed out of range, a lone surrogate) sent first, with good greedy ones (one
+    of them seeded) arriving at once: it alone gets a 400, the others their right answers, as from `generate`."""
+    _, paths = served
+    requests = [{"instruction": i, "input": x} for i, x, _ in PAIRS]
+    answers = instruct.respond(paths["instruct-tiny"], requests, max_new_tokens=12)
+    poisoned = [{"seed": -1}, {"prompt": "\ud800"}, {"seed": 7}]  # the last is good: greedy, its seed unused
+    results: dict[int, httpx.Response] = {}
+
+    def send(number: int) -> None:
+        i = number % len(requests)
+        body = {"model": "instruct-tiny", "prompt": requests[i]["instruction"], "input": requests[i]["input"]}
+        body |= {"max_tokens": 12} | (poisoned[number] if number < len(poisoned) else {})
+        results[number] = client.post("/v1/completions", json=body)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [results[n].status_code for n in range(12)] == [400, 400] + [200] * 10
+    assert all("error" in results[n].json() for n in (0, 1))
+    for n in range(2, 12):
+        assert results[n].json()["choices"][0]["text"] == answers[n % len(requests)].response
 
 
 def test_64_concurrent_clients_are_batched_and_all_answered_right(served, client, capsys):
