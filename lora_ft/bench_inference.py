@@ -16,7 +16,7 @@ from datasets import Dataset
 from peft import TaskType, get_peft_model
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, set_seed
 
-from . import bench, classify, instruct, methods
+from . import bench, classify, generation, instruct, methods
 from .config import load_config
 
 
@@ -83,7 +83,7 @@ def measure_generate(tok: Any, seed: int, architecture: dict, count: int, new_to
     config = load_config("instruct", overrides={"model": "gpt2", "seed": seed})
     prompts = list(instruct.load_splits(config)[1]["test"]["prompt"])[:count]
     model = _with_lora(GPT2LMHeadModel(GPT2Config(**architecture)), TaskType.CAUSAL_LM, config)
-    answers, fast = _timed(lambda: instruct.generate(model, tok, prompts, new_tokens, batch_size=count))
+    answers, fast = _timed(lambda: generation.generate(model, tok, prompts, new_tokens, batch_size=count))
 
     def one_at_a_time() -> list[list[int]]:
         out = []

@@ -131,9 +131,9 @@ def _read_requests(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    from . import instruct
+    from . import generation
 
-    return instruct.check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    return generation.check_sampling(args.max_new_tokens, args.temperature, args.top_p)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -155,7 +155,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
-    from . import chat, instruct
+    from . import chat, generation, instruct
 
     sampling = _sampling(args)
     loaded = instruct.load(args.adapter, force=args.force)
@@ -172,7 +172,7 @@ def run_chat(args: argparse.Namespace) -> int:
             break
         history.append({"role": "user", "content": line})
         prompt = chat.render_prompt(loaded.manifest, loaded.tokenizer, {"messages": history})
-        (answer,) = instruct.generate(loaded.model, loaded.tokenizer, [prompt], limit, **sampling)
+        (answer,) = generation.generate(loaded.model, loaded.tokenizer, [prompt], limit, **sampling)
         history.append({"role": "assistant", "content": answer.response})
         print(answer.response, flush=True)
     return 0

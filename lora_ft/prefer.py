@@ -17,7 +17,7 @@ from peft import PeftModel, TaskType
 from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
 
-from . import adapters, chat, data, instruct, methods, models, pairs, plots, report, runs, tasks, training
+from . import adapters, chat, data, generation, instruct, methods, models, pairs, plots, report, runs, tasks, training
 from .config import RunConfig
 from .errors import UserError
 from .files import sha256_file
@@ -141,9 +141,9 @@ def preference_metrics(trainer: DPOTrainer, test: Dataset) -> dict[str, float]:
 
 def answer_metrics(
     model: Any, tokenizer: Any, test: Dataset, prompts: list[str], config: RunConfig, who: str
-) -> tuple[dict[str, Any], list[instruct.Generation]]:
+) -> tuple[dict[str, Any], list[generation.Generation]]:
     """Greedy answers to the test prompts, scored by ROUGE-L against the chosen and the rejected answer."""
-    made = instruct.generate(
+    made = generation.generate(
         model, tokenizer, prompts, config.max_new_tokens, config.eval_batch_size, desc=f"answering test ({who})"
     )
     responses = [g.response for g in made]
@@ -159,7 +159,7 @@ def answer_metrics(
 
 
 def measure(trainer: DPOTrainer, model: Any, tokenizer: Any, test: Dataset, answered: Dataset, prompts: list[str],
-            config: RunConfig, who: str) -> tuple[dict[str, Any], list[instruct.Generation]]:  # fmt: skip
+            config: RunConfig, who: str) -> tuple[dict[str, Any], list[generation.Generation]]:  # fmt: skip
     scores, made = answer_metrics(model, tokenizer, answered, prompts, config, who)
     return preference_metrics(trainer, test) | scores, made
 

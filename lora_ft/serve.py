@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 
-from . import adapters, chat, classify, instruct, methods, models, tasks
+from . import adapters, chat, generation, methods, models, serve_batches, tasks
 from .config import ServeLimits as Limits
 from .errors import UserError
 from .manifest import Manifest
@@ -195,106 +193,7 @@ class Base:
         if adapter.peft_name in getattr(self.model, "peft_config", {}):  # not a fully fine-tuned model
             self.model.set_adapter(adapter.peft_name)
         self.stats.batch(sum(len(job.inputs) for job in batch))
-        RUNS[adapter.task.serves](self.model, adapter, batch)
-
-
-def _classify(model: Any, adapter: Adapter, batch: list[Job]) -> None:
-    texts = [text for job in batch for text in job.inputs]
-    labels, max_length = adapter.manifest.label_names, adapter.manifest.config["max_length"]
-    predictions = iter(classify.classify_batch(model, adapter.tokenizer, texts, labels, max_length))
-    for job in batch:
-        job.notify("done", list(itertools.islice(predictions, len(job.inputs))))
-
-
-def _generate(model: Any, adapter: Adapter, batch: list[Job]) -> None:
-    sampling = batch[0].sampling
-    watch = _Watch(batch, adapter.tokenizer)
-    prompts = [job.inputs[0] for job in batch]
-    longest = max(job.sampling.max_tokens for job in batch)
-    # Sampling draws from torch's one global generator: one sampling batch at a time (across bases), so that a seed
-    # alone decides its sample. A seeded job runs alone (see Job.key).
-    with _SAMPLING if sampling.temperature > 0 else contextlib.nullcontext():
-        if sampling.temperature > 0 and sampling.seed is not None:  # greedy rows share batches: no seed of theirs
-            set_seed(sampling.seed)
-        instruct.generate_batch(
-            model,
-            adapter.tokenizer,
-            prompts,
-            longest,
-            instruct.sampling_args(sampling.temperature, sampling.top_p),
-            streamer=watch,
-            stopping_criteria=StoppingCriteriaList([watch]),
-        )
-    watch.finish()
-
-
-_SAMPLING = threading.Lock()
-
-
-RUNS: dict[str, Callable[[Any, Adapter, list[Job]], None]] = {"classify": _classify, "generate": _generate}
-
-
-class _Watch(StoppingCriteria):
-    """`generate`'s streamer and stopping criterion for one batch: it keeps each row's new tokens (up to its EOS or
-    its own `max_tokens`), streams the text they add, and stops rows whose request was cancelled."""
-
-    def __init__(self, jobs: list[Job], tokenizer: Any):
-        self.jobs, self.tokenizer = jobs, tokenizer
-        self.tokens: list[list[int]] = [[] for _ in jobs]
-        self.width = 0  # the padded prompts' length
-
-    def put(self, value: torch.Tensor) -> None:
-        if value.dim() == 2:  # generate hands the streamer the prompts first
-            self.width = value.shape[1]
-            return
-        for i, token in enumerate(value.tolist()):
-            job, tokens = self.jobs[i], self.tokens[i]
-            if self._done(i) or job.cancelled.is_set():
-                continue
-            tokens.append(token)
-            if job.stream:
-                self._show(i, self._text(tokens))
-
-    def end(self) -> None:
-        pass
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        made = input_ids.shape[1] - self.width  # new tokens in every row so far, the one just chosen included
-        stop = [job.cancelled.is_set() or made >= job.sampling.max_tokens for job in self.jobs]
-        return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
-
-    def finish(self) -> None:
-        for i, job in enumerate(self.jobs):
-            generation = instruct.answer(self.tokenizer, job.inputs[0], self.tokens[i])
-            if job.stream:
-                self._show(i, generation.response, final=True)
-            job.adapter.base.stats.count("tokens", len(self.tokens[i]))
-            cancelled = job.cancelled.is_set() and not self._done(i)
-            if cancelled:
-                job.adapter.base.stats.count("cancelled")
-            job.notify("done", (generation, "cancelled" if cancelled else _finish_reason(generation)))
-
-    def _done(self, i: int) -> bool:
-        tokens = self.tokens[i]
-        return len(tokens) >= self.jobs[i].sampling.max_tokens or self.tokenizer.eos_token_id in tokens[-1:]
-
-    def _text(self, tokens: list[int]) -> str:
-        eos = self.tokenizer.eos_token_id
-        return self.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True).lstrip()
-
-    def _show(self, i: int, text: str, final: bool = False) -> None:
-        """Send the text added since the last call. Until the end, trailing whitespace and a character still
-        incomplete (its bytes split across tokens) are held back, so that the pieces add up to the final answer."""
-        if not final:
-            text = text.rstrip().removesuffix("\ufffd")
-        job = self.jobs[i]
-        if len(text) > len(job.shown):
-            job.notify("text", text[len(job.shown) :])
-            job.shown = text
-
-
-def _finish_reason(generation: instruct.Generation) -> str:
-    return "stop" if generation.stopped_at_eos else "length"
+        serve_batches.RUNS[adapter.task.serves](self.model, adapter, batch)
 
 
 class Stats:
@@ -390,7 +289,7 @@ class Registry:
             self._check_text(message["content"], f"message {number}", empty=True)
         given = {"prompt": request["instruction"]} if request.get("raw") else request
         prompt = chat.render_prompt(adapter.manifest, adapter.checker, given)  # the checker: this is not the worker
-        instruct.check_sampling(max_tokens, sampling["temperature"], sampling["top_p"])
+        generation.check_sampling(max_tokens, sampling["temperature"], sampling["top_p"])
         default = min((adapter.manifest.generation or {}).get("max_new_tokens", 256), self.limits.max_tokens)
         if (max_tokens or 0) > self.limits.max_tokens:
             raise UserError(f"`max_tokens` {max_tokens} is over this server's cap of {self.limits.max_tokens}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, GPT2TokenizerFast
 
-from lora_ft import chat, cli, data, instruct, merge, models, serve, server
+from lora_ft import chat, cli, data, generation, instruct, merge, models, serve, server
 from lora_ft.config import load_config
 from lora_ft.errors import UserError
 
@@ -246,9 +246,9 @@ def test_a_chat_run_records_its_template_and_answers_in_it(chat_run, capsys, mon
 
     # `chat` keeps the conversation: its second prompt holds the first exchange.
     seen: list[str] = []
-    real = instruct.generate
+    real = generation.generate
     monkeypatch.setattr(
-        instruct, "generate", lambda m, t, prompts, *a, **k: seen.extend(prompts) or real(m, t, prompts, *a, **k)
+        generation, "generate", lambda m, t, prompts, *a, **k: seen.extend(prompts) or real(m, t, prompts, *a, **k)
     )
     monkeypatch.setattr("sys.stdin", io.StringIO("Name the capital of France.\nAnd of Italy?\n"))
     assert cli.main(["chat", str(folder)]) == 0

@@ -17,7 +17,7 @@ import httpx2 as httpx
 import pytest
 from transformers import GPT2TokenizerFast
 
-from lora_ft import chat, instruct, sandbox, serve
+from lora_ft import chat, generation, instruct, sandbox, serve
 from lora_ft.config import ServeLimits
 from lora_ft.errors import UserError
 
@@ -162,14 +162,14 @@ def test_a_request_that_fails_inside_a_batch_fails_alone(chat_run, monkeypatch):
     """Three prompts batched together, one of which makes the forward pass fail: the batch runs again one request at
     a time, so the two good ones get the answers they get alone and only the poisoned one an error."""
     registry = serve.load([str(chat_run.adapter_dir)], ServeLimits(batch_wait_ms=300))
-    real = instruct.generate_batch
+    real = generation.generate_batch
 
     def failing(model, tokenizer, prompts, *args, **kwargs):
         if any("POISON" in p for p in prompts):
             raise RuntimeError("poisoned row")
         return real(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(instruct, "generate_batch", failing)
+    monkeypatch.setattr(generation, "generate_batch", failing)
     sampling = {"temperature": 0.0, "top_p": 1.0, "seed": None}
     events: dict[str, tuple[str, object]] = {}
     done = threading.Semaphore(0)
@@ -194,8 +194,8 @@ def test_a_request_that_fails_inside_a_batch_fails_alone(chat_run, monkeypatch):
         assert done.acquire(timeout=60)
     assert events["POISON"] == ("error", "RuntimeError: poisoned row")
     for prompt in ("Say hi.", "Say bye."):
-        kind, (generation, _) = events[prompt]
-        assert kind == "done" and generation.response == alone[prompt]
+        kind, (made, _) = events[prompt]
+        assert kind == "done" and made.response == alone[prompt]
     assert registry.stats.snapshot()["largest_batch"] == 3
 
 
