@@ -36,6 +36,7 @@ def generate(
     `batch_size` at a time; results come back in order. A greedy answer does not depend on its batch-mates: left
     padding is masked (and positions follow the mask), and a batch never holds a prompt so long that the room it
     leaves would cut a shorter one's answer (`_batches`)."""
+    prompts = list(prompts)  # a dataset's column is a sequence, not the list a tokenizer takes
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     context = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name
     room = [min(max_new_tokens, context - n) if context else max_new_tokens for n in lengths]  # each one's, alone
