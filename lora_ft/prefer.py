@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from datasets import Dataset, DatasetDict
 from peft import PeftModel, TaskType
 from transformers import PreTrainedTokenizerBase
@@ -22,6 +23,7 @@ from .config import RunConfig
 from .errors import UserError
 from .files import sha256_file
 from .manifest import Manifest
+from .stats import mean_interval
 
 log = logging.getLogger("lora_ft")
 
@@ -147,11 +149,14 @@ def answer_metrics(
         model, tokenizer, prompts, config.max_new_tokens, config.eval_batch_size, desc=f"answering test ({who})"
     )
     responses = [g.response for g in made]
-    chosen, rejected = instruct.rouge_l(test["chosen"], responses), instruct.rouge_l(test["rejected"], responses)
+    chosen = np.array(instruct.rouge_l(test["chosen"], responses))
+    rejected = np.array(instruct.rouge_l(test["rejected"], responses))
     return {
-        "rouge_l_chosen": chosen,
-        "rouge_l_rejected": rejected,
-        "rouge_l_gap": chosen - rejected,
+        "rouge_l_chosen": float(chosen.mean()),
+        "rouge_l_rejected": float(rejected.mean()),
+        "rouge_l_gap": float((chosen - rejected).mean()),
+        # Paired by prompt: each answer's own gap, so the interval is of the gap, not of two separate means.
+        "rouge_l_gap_ci95": mean_interval(chosen - rejected),
         "eos_share": sum(g.stopped_at_eos for g in made) / len(made),
         "mean_new_tokens": sum(g.new_tokens for g in made) / len(made),
         "examples": len(made),

@@ -70,6 +70,8 @@ def prefer_table(metrics: dict[str, dict[str, Any]]) -> str:
     ]
     lines = [f"{'test, ' + str(tuned['examples']) + ' answered':<22}{'start':>10}{'tuned':>10}"]
     lines += [f"{name:<22}{format(start[key], how):>10}{format(tuned[key], how):>10}" for name, key, how in rows]
+    gaps = (interval(start.get("rouge_l_gap_ci95")), interval(tuned.get("rouge_l_gap_ci95")))
+    lines.append(f"ROUGE-L gap 95% CI: start {gaps[0]}, tuned {gaps[1]}")
     return "\n".join(lines)
 
 
