@@ -288,9 +288,9 @@ def _routes(registry: serve.Registry) -> APIRouter:
             raise ApiError(400, f"prompt: 1 to {registry.limits.max_batch_size} prompts, got {len(prompts)}")
         queued: list[tuple[serve.Job, _Relay]] = []
         try:
-            for prompt in prompts:
-                request = {"instruction": prompt, "input": body.input, "raw": body.raw}
-                queued.append(await _generate(registry, body, request))
+            for prompt in prompts:  # each its own row (not `request`: that is the client's, watched for a disconnect)
+                row = {"instruction": prompt, "input": body.input, "raw": body.raw}
+                queued.append(await _generate(registry, body, row))
         except BaseException:
             for job, _ in queued:  # all or nothing: the prompts already queued are not answered
                 job.cancel()

@@ -260,7 +260,9 @@ def test_adapters_lists_adapters_and_exports(spam_run, instruct_run, spam_export
 
     assert main("adapters", root) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["path", "kind", "task", "method", "base", "created", "(UTC)", "test", "metric", "size"]
+    assert lines[0].split() == [
+        *("path", "kind", "task", "method", "base", "created", "(UTC)", "test", "metric", "95%", "CI", "size")
+    ]
     row = next(line for line in lines if "spam-tiny" in line)
     assert f"accuracy {spam_row['value']:.4f}" in row and "adapter" in row
     assert any(line.startswith("unreadable: ") and "broken" in line for line in lines)

@@ -172,7 +172,7 @@ def test_opened_and_compared(studio, finished_run, workspace):
 BAD_SETTINGS = [  # (settings, the field the error is shown beside, words of the error)
     ({"lr": -1}, "lr", "settings: 'lr' must be > 0, got -1"),
     ({"batch_size": "eight"}, "batch_size", "'batch_size' must be int"),
-    ({"max_new_tokens": 8}, "max_new_tokens", "'max_new_tokens' belongs to task instruct, not spam"),
+    ({"max_new_tokens": 8}, "max_new_tokens", "'max_new_tokens' belongs to tasks instruct and prefer, not spam"),
     ({"data": "../sms.tsv"}, "data", "data ../sms.tsv: outside the workspace"),
     ({"data": "/etc/hostname"}, "data", "data /etc/hostname: outside the workspace"),
     ({"data": "link.tsv"}, "data", "data link.tsv: outside the workspace"),
