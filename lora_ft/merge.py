@@ -57,6 +57,16 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+def _finite(logits: torch.Tensor, adapter: Path, what: str) -> torch.Tensor:
+    """The logits, if all are finite: a NaN compares as no difference at all (NaN > tolerance is False), so a model
+    that gives NaN or inf would pass the check unless refused here."""
+    if not torch.isfinite(logits).all():
+        raise UserError(
+            f"{adapter}: {what} gives non-finite logits (NaN or inf) on the check texts; nothing was written"
+        )
+    return logits
+
+
 def merge(
     adapter: str | Path,
     output: str | Path,
@@ -116,10 +126,11 @@ def merge(
     # run in float64, the comparison measures the merge, not that noise. Very large models stay in float32.
     size = sum(p.numel() for p in loaded.model.parameters())
     arithmetic = torch.float64 if size <= CHECK_FLOAT64_MAX_PARAMETERS else torch.float32
-    reference, reference_float32 = _logits(loaded.model, batch, arithmetic), _logits(loaded.model, batch)
+    reference = _finite(_logits(loaded.model, batch, arithmetic), adapter, "base + adapter")
+    reference_float32 = _logits(loaded.model, batch)
     lora_gguf = _adapter_gguf(loaded.model, output.name, gguf or "f32") if gguf_adapter else None  # before merging
     merged = loaded.model.merge_and_unload(safe_merge=True)
-    difference = _max_diff(reference, _logits(merged, batch, arithmetic))
+    difference = _max_diff(reference, _finite(_logits(merged, batch, arithmetic), adapter, "the merged model"))
     if difference > tolerance:
         raise UserError(
             f"{adapter}: the merged model's logits differ from base + adapter by up to {difference:.3g} "
@@ -137,7 +148,7 @@ def merge(
     if dtype != "float32":
         float32_merged = copy.deepcopy(merged) if gguf else None  # the GGUF is made from float32 weights
         merged = merged.to(DTYPES[dtype])
-        exported = _logits(merged, batch)
+        exported = _finite(_logits(merged, batch), adapter, f"the {dtype} export")
         check["max_abs_logit_diff"] = _max_diff(same_dtype, exported)  # against base + adapter in `dtype`
         check["max_abs_logit_diff_vs_float32"] = _max_diff(reference, exported)
     else:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
@@ -232,6 +233,34 @@ def test_a_merge_that_changes_the_model_is_refused(spam_run, tmp_path: Path, mon
     with pytest.raises(UserError, match=r"differ from base \+ adapter by up to .*nothing was written"):
         merge.merge(result.adapter_dir, tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_merge_whose_logits_are_nan_is_refused(spam_run, tmp_path: Path, monkeypatch):
+    """NaN is no difference to a comparison (NaN > tolerance is False): a merged model that gives NaN logits must
+    still fail the check, and an adapter whose own weights give NaN is refused before its merge."""
+    result, _ = spam_run
+    merge_and_unload = BaseTuner.merge_and_unload
+
+    def poisoned(self, *args, **kwargs):
+        model = merge_and_unload(self, *args, **kwargs)
+        with torch.no_grad():
+            model.transformer.h[0].attn.c_attn.weight[0, 0] = float("nan")
+        return model
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", poisoned)
+    with pytest.raises(UserError, match=r"the merged model gives non-finite logits .*nothing was written"):
+        merge.merge(result.adapter_dir, tmp_path / "export")
+    monkeypatch.undo()
+
+    adapter = tmp_path / "nan-adapter"
+    shutil.copytree(result.adapter_dir, adapter)
+    weights = safetensors.torch.load_file(adapter / "adapter_model.safetensors")
+    name = next(k for k in weights if "lora_B" in k)
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    safetensors.torch.save_file(weights, adapter / "adapter_model.safetensors")
+    with pytest.raises(UserError, match=r"base \+ adapter gives non-finite logits"):
+        merge.merge(adapter, tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan-adapter"]
 
 
 def test_adapters_lists_adapters_and_exports(spam_run, instruct_run, spam_export, tmp_path: Path, capsys):

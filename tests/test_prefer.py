@@ -79,7 +79,7 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_trained_logits(prefer_run,
 
 
 def test_the_reference_is_the_starting_adapter_frozen(prefer_run, tiny_gpt2: Path):
-    """After training, the model's reference adapter gives the instruct adapter's logits exactly, and the trained one
+    """After training, the model's reference adapter gives the instruct adapter's logits, and the trained one
     does not: DPO moved the policy, not the reference."""
     result, start = prefer_run
     tokenizer = AutoTokenizer.from_pretrained(start)
@@ -89,7 +89,8 @@ def test_the_reference_is_the_starting_adapter_frozen(prefer_run, tiny_gpt2: Pat
         reference = _logits(result.model, tokenizer, TEXT)
     finally:
         result.model.set_adapter(prefer.POLICY)
-    assert torch.equal(reference, started)
+    # Equal to float32 rounding: the trained model may run another attention kernel than a fresh load (per batch).
+    assert torch.allclose(reference, started, atol=1e-5, rtol=0)
     assert (_logits(result.model, tokenizer, TEXT) - started).abs().max() > 1e-4
     section = result.manifest.preference
     assert section["start"] == {
