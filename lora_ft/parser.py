@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter", help="adapter or merged-export folder")
     inspect.add_argument("--json", action="store_true", help="the manifest as it is stored")
 
+    recipes = commands.add_parser("recipes", help="list the recipes shipped with lora_ft, or copy one out to edit")
+    recipes.add_argument(
+        "action", nargs="?", choices=("ls", "cp", "copy"), default="ls", help="ls: list them; cp (or copy): copy one"
+    )
+    recipes.add_argument("name", nargs="?", help="cp: the recipe, by the name `ls` shows (spam-qlora, compare/...)")
+    recipes.add_argument("dest", nargs="?", help="cp: the file to write (or a folder to write it into); never replaced")
+
     compare = commands.add_parser(
         "compare", help="train several methods or ranks on the same data and seed; a table and a Pareto plot"
     )
