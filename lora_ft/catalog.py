@@ -44,7 +44,9 @@ def find(value: str | Path, what: str = "config") -> Path:
         return given
     shipped = path_of(str(value))
     if shipped is None:
-        guess = str(value).removeprefix("recipes/").removesuffix(SUFFIX)  # a checkout's path, outside the checkout
+        parts = given.parts  # a checkout's recipes/X.yaml, outside the checkout: the name is X
+        after = parts[len(parts) - parts[::-1].index("recipes") :] if "recipes" in parts else parts
+        guess = "/".join(after).removesuffix(SUFFIX)
         hint = f"; did you mean {guess}?" if guess != str(value) and path_of(guess) else ""
         raise UserError(
             f"`{what}` {value}: not a recipe file, nor the name of a shipped recipe ({', '.join(names())}; "
