@@ -49,7 +49,7 @@ def find(value: str | Path, what: str = "config") -> Path:
         guess = "/".join(after).removesuffix(SUFFIX)
         hint = f"; did you mean {guess}?" if guess != str(value) and path_of(guess) else ""
         raise UserError(
-            f"`{what}` {value}: not a recipe file, nor the name of a shipped recipe ({', '.join(names())}; "
+            f"`{what}` {value}: recipe not found (not a file, nor a shipped recipe's name: {', '.join(names())}; "
             f"`python -m lora_ft recipes` lists them){hint}"
         )
     return shipped

@@ -63,7 +63,7 @@ def test_unknown_name_is_one_line_exit_2():
     result = run_cli("spam", "--config", "spam-qlor", "--max-steps", "1")
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: --config spam-qlor: not a recipe file, nor the name of a shipped recipe (")
+    assert line.startswith("error: --config spam-qlor: recipe not found (not a file, nor a shipped recipe's name: ")
     assert all(name in line for name in catalog.names()) and "Traceback" not in result.stderr
     with pytest.raises(UserError, match=r"`runs` compare/nope: .*compare/spam-smollm2"):
         compare.plan("spam", runs_file="compare/nope", shared=NAMED)
