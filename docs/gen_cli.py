@@ -27,6 +27,7 @@ SEE_ALSO = {
     "merge": ("merge.md", "Merge and export"),
     "adapters": ("adapters.md#listing-and-inspecting-adapters", "Listing and inspecting adapters"),
     "inspect": ("adapters.md#listing-and-inspecting-adapters", "Listing and inspecting adapters"),
+    "recipes": ("training.md#recipes", "Recipes"),
     "serve": ("serving.md", "Serving adapters"),
     "compare": ("compare.md", "Comparing methods"),
     "bench": ("benchmark.md", "Speed and memory"),
@@ -39,10 +40,10 @@ HEADER = """\
      `python docs/gen_cli.py` (tests/test_readme.py fails when this page and the parser differ). -->
 
 `python -m lora_ft COMMAND [ARGUMENTS] [FLAGS]`; `lora-ft` is the same program. Every command also takes
-`-h`/`--help`. A training command's flags override its recipe (`--config`, else `recipes/<task>.yaml`): a flag
-left out leaves the recipe's value, and the defaults its help names are the built-in ones, which
-`recipes/<task>.yaml` restates. Exit codes and what to do when a command fails:
-[troubleshooting.md](troubleshooting.md).
+`-h`/`--help`. A training command's flags override its recipe (`--config`: a file, or a shipped recipe's name as
+[`recipes`](#recipes) lists them; else `recipes/<task>.yaml`): a flag left out leaves the recipe's value, and the
+defaults its help names are the built-in ones, which `recipes/<task>.yaml` restates. Exit codes and what to do when
+a command fails: [troubleshooting.md](troubleshooting.md).
 """
 
 

@@ -255,10 +255,7 @@ def run_adapters(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(listed) for listed in found], indent=2))
         return 0
-    if not found:
-        print(f"no adapters under {args.folder}")
-        return 0
-    print("\n".join(report.listing(found)))
+    print("\n".join(report.listing(found)) if found else f"no adapters under {args.folder}")
     return 0
 
 
@@ -271,6 +268,18 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(manifest, indent=2))
         return 0
     print("\n".join(report.inspection(adapters.describe_folder(folder), manifest)))
+    return 0
+
+
+def run_recipes(args: argparse.Namespace) -> int:
+    from . import catalog
+
+    if args.action == "ls" and args.name is None:
+        print("\n".join(report.recipes(catalog.shipped())))
+    elif args.action == "ls" or args.dest is None:
+        raise UserError("recipes: ls (or nothing) lists them, cp NAME DEST copies one out; got other arguments")
+    else:
+        print(f"{args.name} -> {catalog.copy(args.name, args.dest)} (edit it, then train it with --config)")
     return 0
 
 
@@ -352,13 +361,14 @@ COMMANDS = {
     "merge": run_merge,
     "adapters": run_adapters,
     "inspect": run_inspect,
+    "recipes": run_recipes,
     "serve": run_serve,
     "studio": run_studio,
     "compare": run_compare,
     "bench": run_bench,
 }
-# Commands that only read JSON: they skip importing the ML libraries (seconds of startup).
-LIGHT_COMMANDS = {"adapters", "inspect"}
+# Commands that only read JSON or YAML: they skip importing the ML libraries (seconds of startup).
+LIGHT_COMMANDS = {"adapters", "inspect", "recipes"}
 
 
 def _terminated(signum: int, frame: Any) -> None:

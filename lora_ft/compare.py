@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import files, methods, plots, runs, stats, tasks
+from . import catalog, files, methods, plots, runs, stats, tasks
 from .config import load_config, read_recipe, task_defaults, validate
 from .errors import Interrupted, UserError
 from .manifest import FILENAME, Manifest
@@ -48,9 +48,9 @@ def plan(
     `name`), or each of `method_names` at each of `ranks` (a method without a rank, ia3 or full, once). `recipe`
     and `shared` (flags) go under each run's own settings. With `seeds`, each of those once per seed (see
     `per_seed`). Every run's config is checked now, before any trains."""
-    base = (read_recipe(Path(recipe), task) if recipe else {}) | validate(_given(shared), "command line", task)
+    base = (read_recipe(catalog.find(recipe), task) if recipe else {}) | validate(_given(shared), "command line", task)
     if runs_file is not None:
-        own = [(entry.pop("name", None), entry) for entry in _read_runs(Path(runs_file), task)]
+        own = [(entry.pop("name", None), entry) for entry in _read_runs(catalog.find(runs_file, "runs"), task)]
     else:
         chosen = ranks or [base.get("lora_r", task_defaults(task)["lora_r"])]
         own = []

@@ -14,12 +14,12 @@ from typing import Any
 
 import yaml
 
-from . import files, tasks
+from . import catalog, files, tasks
 from .errors import UserError
 
 log = logging.getLogger("lora_ft")
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = catalog.RECIPES_DIR  # the recipes shipped in the package; recipes/ in a checkout links to them
 TASKS = tasks.NAMES
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -304,14 +304,15 @@ def default_recipe(task: str) -> Path:
 
 
 def load_config(task: str, recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Task defaults (recipes/<task>.yaml when present), then `recipe`, then `overrides` (None = not given). When
-    none of them names a model and GPT-2 cannot be had, the fallback model's recipe goes under `recipe`."""
+    """Task defaults (recipes/<task>.yaml when present), then `recipe` (a file, or a shipped recipe's name), then
+    `overrides` (None = not given). When none of them names a model and GPT-2 cannot be had, the fallback model's
+    recipe goes under `recipe`."""
     values = task_defaults(task)
     if default_recipe(task).is_file():
         values.update(read_recipe(default_recipe(task), task))
     user: dict[str, Any] = {}
-    if recipe is not None:
-        user = read_recipe(Path(recipe), task)
+    if recipe is not None:  # a file, or the name of a shipped recipe (`spam-qlora`)
+        user = read_recipe(catalog.find(recipe), task)
         if user.get("task", task) != task:
             raise UserError(f"{recipe}: recipe is for task '{user['task']}', not '{task}'")
     given = validate({k: v for k, v in (overrides or {}).items() if v is not None}, "command line", task)

@@ -4,6 +4,7 @@ Hugging Face Hub can be reached. Imports nothing of lora_ft's but its errors."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -99,6 +100,27 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_bytes_new(path: Path, data: bytes) -> None:
+    """`data` at `path`, which must not exist: written beside it first and hard-linked into place, so that it never
+    replaces a file (FileExistsError, also for one that appears meanwhile) and is never seen half-written. Where the
+    filesystem has no hard links, checked and then renamed."""
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(errno.EEXIST, "File exists", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network filesystems)
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomically(path: Path, value: Any) -> None:

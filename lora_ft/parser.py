@@ -25,7 +25,9 @@ def _add_train_flags(
     """A flag for every setting `task` reads (every task's, for None; config.RunConfig's fields, with their help and
     the task's defaults) but those in `exclude`; left out, a flag is None and the recipe's value stands. `one_run`:
     also --overwrite and --resume."""
-    parser.add_argument("--config", help="recipe YAML; flags given here override it")
+    parser.add_argument(
+        "--config", help="recipe: a YAML file, or a shipped recipe's name (see `recipes`); flags given here override it"
+    )
     defaults, hints = task_defaults(task), typing.get_type_hints(RunConfig)
     for field in (f for f in settings(task) if f.name not in exclude):
         flag, meta, default = "--" + field.name.replace("_", "-"), field.metadata, defaults[field.name]
@@ -162,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show an adapter's (or export's) manifest, readably")
     inspect.add_argument("adapter", help="adapter or merged-export folder")
     inspect.add_argument("--json", action="store_true", help="the manifest as it is stored")
+
+    recipes = commands.add_parser("recipes", help="list the recipes shipped with lora_ft, or copy one out to edit")
+    recipes.add_argument(
+        "action",
+        nargs="?",
+        choices=("ls", "cp", "copy"),
+        default="ls",
+        help="ls (the default): list them; cp (or copy): copy NAME to DEST",
+    )
+    recipes.add_argument("name", nargs="?", help="cp: the recipe, by the name `ls` shows (spam-qlora, compare/...)")
+    recipes.add_argument("dest", nargs="?", help="cp: the file to write (or a folder to write it into); never replaced")
 
     compare = commands.add_parser(
         "compare", help="train several methods or ranks on the same data and seed; a table and a Pareto plot"

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .adapters import Listed
+    from .catalog import Recipe
 
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "loss")
 
@@ -180,6 +181,14 @@ def listing(found: list[Listed]) -> list[str]:
             where = f"can continue from {listed.state}" if listed.state else "stopped before its first checkpoint"
             lines.append(f"interrupted: {listed.path} {where}; {'resume' if listed.state else 'start again'}: {resume}")
     return lines
+
+
+def recipes(found: list[Recipe]) -> list[str]:
+    """`recipes`: a table of the shipped recipes (name, task, description), then how to use one."""
+    rows = [("name", "task", "description"), *((r.name, r.task, r.description) for r in found)]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [f"{name.ljust(widths[0])}  {task.ljust(widths[1])}  {text}".rstrip() for name, task, text in rows]
+    return [*lines, "train one: python -m lora_ft TASK --config NAME; edit one: python -m lora_ft recipes cp NAME DEST"]
 
 
 def inspection(listed: Listed, manifest: dict[str, Any]) -> list[str]:
