@@ -163,7 +163,10 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
 
 
 def _validation_message(request: Request, error: RequestValidationError) -> str:
-    first = error.errors()[0]
+    found = error.errors()
+    # A field that takes a string or a list (`input`, `prompt`) fails once per branch: our own check's message (a
+    # lone surrogate) says more than the other branch's "not a valid string".
+    first = next((e for e in found if e.get("type") == "value_error"), found[0])
     if "json" not in request.headers.get("content-type", ""):  # FastAPI reads a body as JSON only when it says so
         return "the body must be JSON, sent with Content-Type: application/json"
     if first.get("type") == "json_invalid":
