@@ -11,16 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import interop, methods, tasks
 from .errors import UserError
 from .manifest import FILENAME, Manifest
+from .report import Listed
 from .runs import ADAPTERS_DIR, PARTIAL, RUN_RECORD, newest_checkpoint, output_of, read_run_record, running
 from .runs import find_run as find_run  # the Python API's name for it, from before runs.py
-
-if TYPE_CHECKING:
-    pass
 
 MANIFEST = FILENAME
 _PACKAGES = ("lora_ft", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes")
@@ -80,6 +78,15 @@ class Loaded:
     manifest: Manifest
     base: dict[str, Any]
     base_mismatches: list[str]
+
+
+@dataclass
+class TrainResult:
+    """What a task's `train` returns: the adapter folder, its manifest, the trained model (a PeftModel)."""
+
+    adapter_dir: Path
+    manifest: Manifest
+    model: Any
 
 
 def load_with_base(
@@ -166,24 +173,6 @@ def check_template(folder: str | Path, tokenizer: Any, manifest: Manifest) -> No
             f"{where}: the chat template is not the one it was trained with ({shown}, the manifest records "
             f"sha256 {str(recorded.get('sha256'))[:12]}…): restore it"
         )
-
-
-@dataclass
-class Listed:
-    """One row of `adapters`: an adapter or merged export folder, described by its manifest."""
-
-    path: str
-    kind: str  # "adapter" | "merged" | "?" (manifest unreadable) | "interrupted" | "running" (a training run)
-    task: str | None = None
-    method: str | None = None  # lora, dora, ia3, vera, full (config.METHODS)
-    base: str | None = None
-    created: str | None = None
-    metric: str | None = None
-    value: float | None = None
-    interval: list[float] | None = None  # the test metric's 95% interval (its `_ci95` in the manifest), if recorded
-    size_bytes: int = 0
-    problem: str | None = None
-    state: str | None = None  # a training run's: "PID N" when running, else the step it can resume from, if any
 
 
 def folder_size(folder: Path) -> int:

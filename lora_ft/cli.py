@@ -55,7 +55,9 @@ def _train_config(task: str, args: argparse.Namespace) -> tuple[RunConfig, Path 
 
 def run_train(args: argparse.Namespace) -> int:
     """Any task's training command: its config (recipe, flags, or the interrupted run's), its run, its summary."""
-    task = tasks.get(args.command).code()
+    from . import task_code
+
+    task = task_code.get(args.command)
     config, resume = _train_config(args.command, args)
     result = task.train(config, overwrite=args.overwrite, resume=resume)
     if _main_process():
@@ -95,7 +97,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from . import evaluation
+    from . import evaluation, task_code
 
     if len(args.adapters) > 2:
         raise UserError(f"eval takes one adapter, or two to compare; got {len(args.adapters)}")
@@ -109,7 +111,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"test": metrics, "matches_manifest": same}, indent=2))
     else:
-        print(report.metrics_table({"test": metrics}, tasks.get(manifest.task).code().EVAL_COLUMNS))
+        print(report.metrics_table({"test": metrics}, task_code.get(manifest.task).EVAL_COLUMNS))
         if "confusion_matrix" in metrics:
             labels = manifest.label_names
             print(f"confusion matrix (rows: true {labels}, columns: predicted): {metrics['confusion_matrix']}")

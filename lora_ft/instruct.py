@@ -245,7 +245,7 @@ def response_records(test: Dataset, generations: list[Generation]) -> list[dict[
     ]
 
 
-def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> training.TrainResult:
+def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> adapters.TrainResult:
     """Instruction-tune with LoRA and write the adapter folder; returns the folder, manifest and trained model."""
     run = training.start("instruct", config, overwrite, resume, load_splits, _new_base)
     config, tokenizer = run.config, run.tokenizer
@@ -297,7 +297,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
         if run.processes.is_main_process:
             records = response_records(test, generations)
             (tmp / RESPONSES).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return training.TrainResult(run.output, manifest, model)
+    return adapters.TrainResult(run.output, manifest, model)
 
 
 def _new_base(

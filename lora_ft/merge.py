@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
-from . import adapters, files, gguf_export, interop, methods, models, tasks
+from . import adapters, files, gguf_export, interop, methods, models, task_code, tasks
 from .errors import UserError
 from .manifest import FILENAME, Manifest
 
@@ -32,7 +32,7 @@ class MergeResult:
 def check_texts(manifest: Manifest, count: int = CHECK_EXAMPLES) -> tuple[list[str], str]:
     """Inputs to compare the merged model on: the first test examples of the adapter's own split (rebuilt from its
     manifest by its task), or the task's sample texts when its data file is not there as it was. Also says which."""
-    task = tasks.get(manifest.task, FILENAME).code()
+    task = task_code.get(manifest.task, FILENAME)
     if not manifest.data_unchanged():
         texts = task.SAMPLE_TEXTS
         return texts, f"{len(texts)} built-in texts ({manifest.data_file} is not there as it was)"
@@ -76,7 +76,7 @@ def merge(
     adapter, output = Path(adapter), Path(output)
     manifest = adapters.read_manifest(adapter)
     task = tasks.get(manifest.task, str(adapter / FILENAME))
-    load = task.code().load
+    load = task_code.get(task.name).load
     method = methods.of(manifest.config)
     if not method.adapter:
         raise UserError(
@@ -89,7 +89,7 @@ def merge(
         raise UserError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if gguf is not None and gguf not in gguf_export.QTYPES:
         raise UserError(f"`gguf` must be one of {', '.join(gguf_export.QTYPES)}, got {gguf!r}")
-    if (gguf is not None or gguf_adapter) and task.model_class != "AutoModelForCausalLM":
+    if (gguf is not None or gguf_adapter) and not task.gguf:
         raise UserError(
             f"{adapter}: a {task.name} adapter cannot be exported as GGUF: llama.cpp runs language models only "
             "(it has no classification head)"

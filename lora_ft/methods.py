@@ -7,17 +7,17 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import config as configs
 from .config import RunConfig
 from .errors import UserError
 
-if TYPE_CHECKING:
-    import torch
-    from peft import PeftConfig, TaskType
-
-# torch, PEFT and models are imported where they are used: the listing reads `METHODS` without loading them.
+# torch, PEFT and models are imported where they are used: the listing reads `METHODS` without loading them. Their
+# types are named, not imported, in the signatures:
+Module = Any  # torch.nn.Module
+PeftConfig = Any  # peft.PeftConfig
+TaskType = Any  # peft.TaskType
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def peft_config(model: torch.nn.Module, task_type: TaskType, config: RunConfig) -> PeftConfig | None:
+def peft_config(model: Module, task_type: TaskType, config: RunConfig) -> PeftConfig | None:
     """PEFT's config for the run's method, on the architecture's projections unless `config.target_modules` names
     others; None for full fine-tuning."""
     from peft import IA3Config, LoftQConfig, LoraConfig, VeraConfig
@@ -123,7 +123,7 @@ def peft_config(model: torch.nn.Module, task_type: TaskType, config: RunConfig) 
     )
 
 
-def wrap(model: torch.nn.Module, task_type: TaskType, config: RunConfig) -> torch.nn.Module:
+def wrap(model: Module, task_type: TaskType, config: RunConfig) -> Module:
     """`model` with the run's method attached (PEFT), or as it is for full fine-tuning (every weight trains)."""
     from peft import get_peft_model
 
@@ -147,7 +147,7 @@ def adapter_off_is_base(config: RunConfig) -> bool:
     return of(config).adapter and config.init_lora_weights not in REWRITES_BASE
 
 
-def _with_parent(model: torch.nn.Module, leaves: list[str]) -> list[str]:
+def _with_parent(model: Module, leaves: list[str]) -> list[str]:
     """`leaves` (layer names) as "parent.leaf" for every place each occurs in the model."""
     found = set()
     for name, _ in model.named_modules():
@@ -198,7 +198,7 @@ def finish_conversion(model: Any, folder: Path) -> None:
     shutil.rmtree(initial)
 
 
-def trainable(model: torch.nn.Module) -> tuple[int, int]:
+def trainable(model: Module) -> tuple[int, int]:
     """(trainable, all) parameters of a PEFT model or of a whole model being fine-tuned."""
     from peft import PeftModel
 
@@ -207,7 +207,7 @@ def trainable(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 
-def section(model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
+def section(model: Module, config: RunConfig) -> dict[str, Any]:
     """The manifest's `lora` section: the method, what it adapted, and how many parameters it trained."""
     from peft import LoraConfig, PeftModel
 
@@ -226,7 +226,7 @@ def section(model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
     return found | {"trainable_parameters": trained, "total_parameters": total}
 
 
-def lora_targets(model: torch.nn.Module) -> tuple[list[str], bool]:
+def lora_targets(model: Module) -> tuple[list[str], bool]:
     """Names of the linear projections inside the transformer blocks (attention and MLP), and whether they
     are GPT-2-style `Conv1D` layers, whose weights are stored transposed (`fan_in_fan_out=True`)."""
     import torch
@@ -247,7 +247,7 @@ def lora_targets(model: torch.nn.Module) -> tuple[list[str], bool]:
     return sorted(names), conv1d
 
 
-def chosen_targets(model: torch.nn.Module, config: RunConfig) -> tuple[list[str], bool]:
+def chosen_targets(model: Module, config: RunConfig) -> tuple[list[str], bool]:
     """The layers to adapt: `config.target_modules`, checked to be in the model, else the architecture's
     projections (`lora_targets`); and whether they are Conv1D layers."""
     found, conv1d = lora_targets(model)

@@ -31,6 +31,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from . import adapters, methods, models, plots, runs
+from .adapters import TrainResult as TrainResult  # a task's `train` returns it; its name here from before
 from .callbacks import (
     ProgressLog,
     SeededLengthGroupedSampler,
@@ -202,15 +203,6 @@ def save(
         methods.finish_conversion(model, folder)
         adapters.write_manifest(folder, manifest)
         plots.plot_loss(trainer.state.log_history, folder / "loss.png")
-
-
-@dataclass
-class TrainResult:
-    """What `spam.train` and `instruct.train` return: the adapter folder, its manifest, the trained model."""
-
-    adapter_dir: Path
-    manifest: Manifest
-    model: PeftModel
 
 
 def cpu_only() -> bool:
