@@ -77,9 +77,9 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from . import spam
+    from . import task_code
 
-    predictions = spam.predict(args.adapter, _read_texts(args), force=args.force)
+    predictions = task_code.classifier().predict(args.adapter, _read_texts(args), force=args.force)
     for p in predictions:
         if args.json:
             record = {"text": p.text, "label": p.label, "score": round(p.score, 6), "truncated": p.truncated}
@@ -139,10 +139,10 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from . import instruct
+    from . import task_code
 
     requests = _read_requests(args)
-    answers = instruct.respond(args.adapter, requests, seed=args.seed, force=args.force, **_sampling(args))
+    answers = task_code.generator().respond(args.adapter, requests, seed=args.seed, force=args.force, **_sampling(args))
     for request, answer in zip(requests, answers, strict=True):
         if args.json:
             record = {**request, "response": answer.response, "stopped_at_eos": answer.stopped_at_eos}
@@ -157,10 +157,10 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
-    from . import chat, generation, instruct
+    from . import chat, generation, task_code
 
     sampling = _sampling(args)
-    loaded = instruct.load(args.adapter, force=args.force)
+    loaded = task_code.generator().load(args.adapter, force=args.force)
     set_seed(args.seed)
     limit = sampling.pop("max_new_tokens") or (loaded.manifest.generation or {})["max_new_tokens"]
     interactive = sys.stdin.isatty()

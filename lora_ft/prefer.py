@@ -295,8 +295,10 @@ def _new_base(
     return PeftModel.from_pretrained(base, config.from_adapter, adapter_name=POLICY, is_trainable=True)
 
 
-# A prefer adapter is an instruction-following causal LM: it loads as an instruct one (`tasks.same_kind`).
+# A prefer adapter is an instruction-following causal LM: it loads and answers as an instruct one
+# (`tasks.same_kind`).
 load = instruct.load
+respond = instruct.respond
 
 
 def check_texts(manifest: Manifest, count: int) -> list[str]:

@@ -61,6 +61,37 @@ class TaskModule(Protocol):
         """The Trainer class `bench` times on `bench_data`'s rows: as the task trains, or the naive baseline's."""
 
 
+class Classifier(TaskModule, Protocol):
+    """What a task that serves "classify" (`tasks.Task.serves`) provides besides: `predict` and `serve`'s labels."""
+
+    def predict(self, adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Any]:
+        """Each text's label and score, and whether it was cut at the adapter's max_length."""
+
+    def classify_batch(self, model: Any, tokenizer: Any, texts: list[str], names: list[str], max_length: int) -> list:
+        """`texts` labelled in one forward pass by an adapter already loaded (`serve`'s batches)."""
+
+
+class Generator(TaskModule, Protocol):
+    """What a task that serves "generate" provides besides: `generate`'s answers (`chat` and `serve` load it and
+    generate with `generation`)."""
+
+    def respond(
+        self,
+        adapter: str | Path,
+        requests: list[dict[str, Any]],
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        batch_size: int | None = None,
+        seed: int = 0,
+        force: bool = False,
+    ) -> list[Any]:
+        """Answers from a trained adapter, in the template it was trained with."""
+
+
+KINDS: dict[str, type] = {"classify": Classifier, "generate": Generator}  # by `tasks.Task.serves`
+
+
 @dataclass
 class Evaluation:
     """An adapter's test metrics as recomputed now, its manifest, and what each test example scored (the task's

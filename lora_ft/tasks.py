@@ -65,6 +65,12 @@ def same_kind(one: str, other: str) -> bool:
     return (a.model_class, a.serves, a.peft_task_type) == (b.model_class, b.serves, b.peft_task_type)
 
 
+def serving(kind: str) -> Task:
+    """The task whose adapters the commands of one kind load (`predict`: "classify"; `generate`, `chat`:
+    "generate"): the first registered that serves it. Adapters of the others of its kind load alike (`same_kind`)."""
+    return next(task for task in TASKS.values() if task.serves == kind)
+
+
 def get(name: Any, where: str = "task") -> Task:
     """The task called `name`; `where` names what gave it, in the error."""
     if name not in TASKS:

@@ -8,8 +8,9 @@
   it (`task_code`, and nowhere else). The registry's names are data (`tasks.py` holds them without importing them), so
   `tasks` sits at the bottom, below the config and the listing, and `task_code` above the task modules, which never
   use it; a task module that needs itself as a `TaskModule` passes its own module (`classify.evaluate`).
-- Each registered task module provides `task_api.TaskModule`: its members, and its functions' parameters (names,
-  kinds, which have defaults), checked with `inspect.signature`.
+- Each registered task module provides `task_api.TaskModule` and what its kind adds (`task_api.KINDS`: `Classifier`
+  or `Generator`, by what the task serves): its members, and its functions' parameters (names, kinds, which have
+  defaults), checked with `inspect.signature`.
 - No module outside the task modules (and the registry, which states them) compares a task's name, its Auto class's
   name, or what it serves with a literal: they ask the task (`tasks.get(name)`'s fields, `task_code.get(name)`'s
   functions).
@@ -105,13 +106,17 @@ def test_modules_stay_short():
     assert not {name: n for name, n in lengths.items() if n > 450}
 
 
-def _protocol() -> tuple[set[str], dict[str, inspect.Signature]]:
-    attributes = set(task_api.TaskModule.__annotations__)
-    functions = {
-        name: inspect.signature(member)
-        for name, member in vars(task_api.TaskModule).items()
-        if inspect.isfunction(member) and not name.startswith("_")
-    }
+def _protocol(protocol: type) -> tuple[set[str], dict[str, inspect.Signature]]:
+    """A protocol's attributes and its functions' signatures, its bases' included."""
+    attributes: set[str] = set()
+    functions: dict[str, inspect.Signature] = {}
+    for cls in reversed([c for c in protocol.__mro__ if task_api.TaskModule in c.__mro__]):
+        attributes |= set(vars(cls).get("__annotations__", {}))
+        functions |= {
+            name: inspect.signature(member)
+            for name, member in vars(cls).items()
+            if inspect.isfunction(member) and not name.startswith("_")
+        }
     return attributes, functions
 
 
@@ -121,9 +126,11 @@ def _shape(signature: inspect.Signature, drop_self: bool) -> list[tuple[str, obj
 
 
 def test_every_task_module_provides_the_protocol():
-    attributes, functions = _protocol()
-    assert attributes and functions
+    """TaskModule, and what its kind adds (`task_api.KINDS`, by what the task serves)."""
+    assert {entry.serves for entry in tasks.TASKS.values()} <= set(task_api.KINDS)
     for entry in tasks.TASKS.values():
+        attributes, functions = _protocol(task_api.KINDS[entry.serves])
+        assert {"train", "load", "summary", "SAMPLE_TEXTS"} <= attributes | set(functions)
         module = importlib.import_module(entry.module)
         assert not [name for name in [*attributes, *functions] if not hasattr(module, name)], entry.name
         for name, declared in functions.items():
