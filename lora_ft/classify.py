@@ -219,18 +219,7 @@ def load_base(
     return models.load_classifier_base(source, tokenizer, manifest.label_names, quantize, precision)
 
 
-def load(
-    adapter: str | Path,
-    base: models.ModelSource | None = None,
-    force: bool = False,
-    full_precision: bool = False,
-    onto: adapters.Loaded | None = None,
-    name: str = "default",
-) -> adapters.Loaded:
-    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
-    adapter goes on its base quantised as in training, or in float32 with `full_precision`. With `onto`, added to
-    that loaded adapter's model (and base) as PEFT adapter `name` (see `adapters.load_with_base`)."""
-    return adapters.load_with_base(adapter, "spam", load_base, base, force, full_precision, onto, name)
+load = adapters.loader("spam", load_base)  # TaskModule.load, on the classifier base above
 
 
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Prediction]:

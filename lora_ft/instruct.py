@@ -316,18 +316,7 @@ def load_base(
     return models.load_causal_base(source, tokenizer, quantize, precision)
 
 
-def load(
-    adapter: str | Path,
-    base: models.ModelSource | None = None,
-    force: bool = False,
-    full_precision: bool = False,
-    onto: adapters.Loaded | None = None,
-    name: str = "default",
-) -> adapters.Loaded:
-    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
-    adapter goes on its base quantised as in training, or in float32 with `full_precision`. With `onto`, added to
-    that loaded adapter's model (and base) as PEFT adapter `name` (see `adapters.load_with_base`)."""
-    return adapters.load_with_base(adapter, "instruct", load_base, base, force, full_precision, onto, name)
+load = adapters.loader("instruct", load_base)  # TaskModule.load, on the causal LM base above
 
 
 def respond(

@@ -122,7 +122,7 @@ class Base:
     def __init__(self, loaded: adapters.Loaded, model_class: str, limits: Limits, stats: Stats):
         self.loaded, self.model, self.model_class = loaded, loaded.model, model_class
         self.limits, self.stats = limits, stats
-        self.context: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        self.context = models.context_length(self.model)
         self.waiting: deque[Job] = deque()
         self.ready = threading.Condition()
         self.weight_bytes = 0

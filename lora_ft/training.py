@@ -99,7 +99,7 @@ def start(
         models.set_dropout(base, config.model_dropout)  # before LoRA wraps it: LoRA's own is `lora_dropout`
         if config.compile:
             compile_blocks(base)  # traced at their first call, so with the LoRA layers added after this
-    positions = getattr(base.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this too
+    positions = models.context_length(base)
     if positions and config.max_length > positions:  # found now, not while scoring after training
         raise UserError(f"`max_length` {config.max_length}: more than the {positions} positions {config.model} has")
     base_info = models.describe_base(source, base)
