@@ -70,6 +70,12 @@ class Classifier(TaskModule, Protocol):
     def classify_batch(self, model: Any, tokenizer: Any, texts: list[str], names: list[str], max_length: int) -> list:
         """`texts` labelled in one forward pass by an adapter already loaded (`serve`'s batches)."""
 
+    def tokenize(self, dataset: Any, tokenizer: Any, max_length: int) -> Any:
+        """A dataset's `text` column tokenized as training and `predict` read it (`bench --inference` times it)."""
+
+    def predict_logits(self, model: Any, tokenizer: Any, dataset: Any, batch_size: int, desc: str = ...) -> Any:
+        """Logits for every row of a tokenized dataset, in order, as `predict` batches them."""
+
 
 class Generator(TaskModule, Protocol):
     """What a task that serves "generate" provides besides: `generate`'s answers (`chat` and `serve` load it and

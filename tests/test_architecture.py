@@ -7,7 +7,9 @@
   so a computed `import_module` counts as an import of every task module the registry names, in the module that calls
   it (`task_code`, and nowhere else). The registry's names are data (`tasks.py` holds them without importing them), so
   `tasks` sits at the bottom, below the config and the listing, and `task_code` above the task modules, which never
-  use it; a task module that needs itself as a `TaskModule` passes its own module (`classify.evaluate`).
+  use it; a task module that needs itself as a `TaskModule` passes its own module (`classify.evaluate`). Nothing else
+  imports a task module: a task is reached only through the registry (`task_code.get`, or `task_code.classifier()` /
+  `generator()` for the commands of one kind); one task module may build on another (prefer on instruct).
 - Each registered task module provides `task_api.TaskModule` and what its kind adds (`task_api.KINDS`: `Classifier`
   or `Generator`, by what the task serves): its members, and its functions' parameters (names, kinds, which have
   defaults), checked with `inspect.signature`.
@@ -83,6 +85,7 @@ def test_the_graph_has_the_layers_the_docs_name():
     assert graph["tasks"] == {"errors"}  # the registry's facts, below everything that reads them
     assert graph["task_code"] >= REGISTRY  # the registry's code, above the tasks
     assert not {m for m in TASK_MODULES if "task_code" in graph[m]}
+    assert {m for m, imported in graph.items() if imported & REGISTRY} <= TASK_MODULES | {"task_code"}
     assert not {m for m, imported in graph.items() if imported & {"cli", "parser"} and m not in {"__main__", "cli"}}
 
 
