@@ -21,6 +21,7 @@
 import ast
 import importlib
 import inspect
+import re
 
 from lora_ft import task_api, tasks
 
@@ -87,6 +88,17 @@ def test_the_graph_has_the_layers_the_docs_name():
     assert not {m for m in TASK_MODULES if "task_code" in graph[m]}
     assert {m for m, imported in graph.items() if imported & REGISTRY} <= TASK_MODULES | {"task_code"}
     assert not {m for m, imported in graph.items() if imported & {"cli", "parser"} and m not in {"__main__", "cli"}}
+
+
+def test_the_architecture_doc_lists_every_module_bottom_to_top():
+    """docs/architecture.md's table: every module, each below none that it imports (one row may hold several)."""
+    graph, above = imports(), set()
+    rows = re.findall(r"^\| (`[a-z_]+\.py`[^|]*)\|", (REPO / "docs" / "architecture.md").read_text(), re.M)
+    for row in rows:
+        named = set(re.findall(r"`([a-z_]+)\.py`", row))
+        assert not {m: graph[m] - above - named for m in named if graph[m] - above - named}, row
+        above |= named
+    assert set(graph) - above == {"__init__", "__main__", "spam"}  # the package, `python -m`, an old name
 
 
 def test_no_type_checking_imports():
