@@ -5,13 +5,12 @@ line before a model is loaded rather than deep inside PEFT."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import config as configs
 from .config import RunConfig
 from .errors import UserError
+from .method_table import METHODS, Method
 
 # torch, PEFT and models are imported where they are used: the listing reads `METHODS` without loading them. Their
 # types are named, not imported, in the signatures:
@@ -20,25 +19,6 @@ PeftConfig = Any  # peft.PeftConfig
 TaskType = Any  # peft.TaskType
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    adapter: bool  # saved as a PEFT adapter apart from the frozen base; False: the whole model is saved
-    rank: bool  # reads `lora_r` (its matrices' rank)
-    lora_variants: bool  # `use_rslora` and `init_lora_weights` apply
-    quantized_base: bool  # trains on a 4- or 8-bit base (PEFT has bitsandbytes layers for it)
-    gguf_adapter: bool  # llama.cpp's GGUF adapters hold plain LoRA pairs (alpha / r), nothing else
-
-
-METHODS = {
-    "lora": Method("lora", adapter=True, rank=True, lora_variants=True, quantized_base=True, gguf_adapter=True),
-    "dora": Method("dora", adapter=True, rank=True, lora_variants=True, quantized_base=True, gguf_adapter=False),
-    "ia3": Method("ia3", adapter=True, rank=False, lora_variants=False, quantized_base=True, gguf_adapter=False),
-    # PEFT 0.21's VeRA has no bitsandbytes layers
-    "vera": Method("vera", adapter=True, rank=True, lora_variants=False, quantized_base=False, gguf_adapter=False),
-    "full": Method("full", adapter=False, rank=False, lora_variants=False, quantized_base=False, gguf_adapter=False),
-}
-assert tuple(METHODS) == configs.METHODS  # the flag's choices are these
 # PiSSA and OLoRA start A and B from the weights' singular vectors (QR for OLoRA) and subtract B A from the base
 # weights: the adapter as trained fits only that adjusted base (see `keep_initial`).
 REWRITES_BASE = ("pissa", "olora")
