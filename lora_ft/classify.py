@@ -20,7 +20,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import adapters, callbacks, data, methods, models, plots, report, runs, stats, task_api, training
+from . import adapters, callbacks, data, methods, models, plots, report, runs, stats, task_api, tasks, training
 from .config import RunConfig
 from .errors import UserError
 from .manifest import Manifest
@@ -258,7 +258,10 @@ def evaluate(adapter: str | Path, force: bool = False) -> tuple[dict[str, Any], 
     """Rebuild the adapter's test split from its manifest and recompute the test metrics, as `eval` does
     (`task_api.rescore`). Returns (recomputed test metrics, manifest)."""
     # This module scores its own adapters (`eval` finds the module through task_code, which sits above this one).
-    result = task_api.rescore(adapter, adapters.read_manifest(adapter), sys.modules[__name__], force)
+    manifest = adapters.read_manifest(adapter)
+    if manifest.task not in tasks.TASKS or not tasks.same_kind(manifest.task, "spam"):
+        raise UserError(f"{adapter}: a '{manifest.task}' adapter, not a spam one (`eval` scores any task's)")
+    result = task_api.rescore(adapter, manifest, sys.modules[__name__], force)
     return result.metrics, result.manifest
 
 
