@@ -11,18 +11,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import interop, methods, tasks
 from .errors import UserError
-from .manifest import FILENAME, Manifest
+from .files import MANIFEST_NAME
+from .manifest import Manifest
+from .report import Listed
 from .runs import ADAPTERS_DIR, PARTIAL, RUN_RECORD, newest_checkpoint, output_of, read_run_record, running
 from .runs import find_run as find_run  # the Python API's name for it, from before runs.py
 
-if TYPE_CHECKING:
-    pass
-
-MANIFEST = FILENAME
 _PACKAGES = ("lora_ft", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes")
 
 
@@ -80,6 +78,35 @@ class Loaded:
     manifest: Manifest
     base: dict[str, Any]
     base_mismatches: list[str]
+
+
+@dataclass
+class TrainResult:
+    """What a task's `train` returns: the adapter folder, its manifest, the trained model (a PeftModel)."""
+
+    adapter_dir: Path
+    manifest: Manifest
+    model: Any
+
+
+def loader(task: str, load_base: Callable[..., Any]) -> Callable[..., Loaded]:
+    """A task's `load` (task_api.TaskModule.load): its adapters on the bases `load_base` builds (`load_with_base`)."""
+
+    def load(
+        adapter: str | Path,
+        base: Any = None,
+        force: bool = False,
+        full_precision: bool = False,
+        onto: Loaded | None = None,
+        name: str = "default",
+    ) -> Loaded:
+        """Base (as the manifest names it, or `base`, a models.ModelSource) + adapter, in eval mode, with the
+        adapter's tokenizer. A QLoRA adapter goes on its base quantised as in training, or in float32 with
+        `full_precision`. With `onto`, added to that loaded adapter's model (and base) as PEFT adapter `name` (see
+        `load_with_base`)."""
+        return load_with_base(adapter, task, load_base, base, force, full_precision, onto, name)
+
+    return load
 
 
 def load_with_base(
@@ -168,24 +195,6 @@ def check_template(folder: str | Path, tokenizer: Any, manifest: Manifest) -> No
         )
 
 
-@dataclass
-class Listed:
-    """One row of `adapters`: an adapter or merged export folder, described by its manifest."""
-
-    path: str
-    kind: str  # "adapter" | "merged" | "?" (manifest unreadable) | "interrupted" | "running" (a training run)
-    task: str | None = None
-    method: str | None = None  # lora, dora, ia3, vera, full (config.METHODS)
-    base: str | None = None
-    created: str | None = None
-    metric: str | None = None
-    value: float | None = None
-    interval: list[float] | None = None  # the test metric's 95% interval (its `_ci95` in the manifest), if recorded
-    size_bytes: int = 0
-    problem: str | None = None
-    state: str | None = None  # a training run's: "PID N" when running, else the step it can resume from, if any
-
-
 def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
@@ -228,7 +237,7 @@ def describe_folder(folder: Path) -> Listed:
     except UserError as e:
         listed.problem = str(e)
     except (KeyError, TypeError, AttributeError) as e:
-        listed.problem = f"{folder / MANIFEST}: unexpected content ({type(e).__name__}: {e})"
+        listed.problem = f"{folder / MANIFEST_NAME}: unexpected content ({type(e).__name__}: {e})"
     return listed
 
 
@@ -238,7 +247,7 @@ def list_adapters(root: str | Path = ADAPTERS_DIR) -> list[Listed]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: folder not found")
-    folders = {p.parent for name in (MANIFEST, "adapter_config.json") for p in root.rglob(name)}
+    folders = {p.parent for name in (MANIFEST_NAME, "adapter_config.json") for p in root.rglob(name)}
     visible = [f for f in folders if not any(part.startswith(".") for part in f.relative_to(root).parts)]
     found = [describe_folder(f) for f in visible] + [
         _describe_run(p.parent) for p in root.rglob(f"*{PARTIAL}/{RUN_RECORD}")

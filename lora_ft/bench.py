@@ -204,15 +204,15 @@ def measure(
     from peft import TaskType
     from transformers import set_seed
 
-    from . import callbacks, methods, tasks, training
+    from . import callbacks, methods, task_code, tasks, training
     from .config import load_config
 
-    entry = tasks.get(task)
+    entry, code = tasks.get(task), task_code.get(task)
     overrides = {"model": "gpt2", "data": data, "seed": seed, "lora_dropout": setup.lora_dropout}
     overrides["activation_checkpointing"] = setup.activation_checkpointing
     overrides["method"] = "lora" if setup.lora else "full"
     config = load_config(task, overrides=overrides)  # GPT-2's recipe
-    _, splits = entry.code().load_splits(config)
+    _, splits = code.load_splits(config)
     tok = load_tokenizer(tokenizer)
     set_seed(seed)
     auto_class = getattr(transformers, entry.model_class)
@@ -224,7 +224,7 @@ def measure(
             model = hardware.hold_in_bf16(model)
         hardware.choose_attention(model)
     model = methods.wrap(model, TaskType[entry.peft_task_type], config)
-    train, collator = entry.code().bench_data(splits["train"], tok, config, setup.pad_to_longest)
+    train, collator = code.bench_data(splits["train"], tok, config, setup.pad_to_longest)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     steps = steps_per_epoch if setup.timed_steps is None else setup.warmup_steps + setup.timed_steps
     timer = StepTimer()
@@ -245,7 +245,7 @@ def measure(
         )
         # The task's own Trainer: instruct's rows are tokenized and masked as SFTTrainer does (instruct.encode), and
         # its loss is SFTTrainer's, so a step computes what lora_ft's SFT step computes, without TRL's preprocessing.
-        trainer_class = entry.code().bench_trainer(model, setup.pad_to_longest)
+        trainer_class = code.bench_trainer(model, setup.pad_to_longest)
         trainer = trainer_class(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[timer])
         batches = list(trainer.get_train_dataloader())
         epoch = [callbacks.batch_tokens(batch) for batch in batches]
@@ -311,15 +311,20 @@ def machine() -> dict[str, Any]:
 
 
 def measure_course(
-    quick: bool, tokenizer: str | None, data: str | None, seed: int, architecture: dict[str, Any] | None = None
+    quick: bool,
+    tokenizer: str | None,
+    data: str | None,
+    seed: int,
+    architecture: dict[str, Any] | None = None,
+    task: str = "spam",
 ) -> dict[str, Any]:
-    """The course's own LoRA code (`course.py`) on lora_ft's training split, batch size and rank; run it in a fresh
-    process, as `measure`."""
-    from . import course, spam
+    """The course's own LoRA code (`course.py`) on lora_ft's training split of `task` (one whose module has the
+    course as its `COURSE_PEER`), batch size and rank; run it in a fresh process, as `measure`."""
+    from . import course, task_code
     from .config import load_config
 
-    config = load_config("spam", overrides={"model": "gpt2", "data": data, "seed": seed})
-    _, splits = spam.load_splits(config)
+    config = load_config(task, overrides={"model": "gpt2", "data": data, "seed": seed})
+    _, splits = task_code.get(task).load_splits(config)
     train = splits["train"]
     names = {"n_layer": "n_layers", "n_embd": "emb_dim", "n_head": "n_heads", "n_positions": "context_length"}
     result = course.measure(
@@ -368,7 +373,7 @@ def run(
     course's code (when installed, and where the task and model have it as a peer), each in a fresh process (started
     with `initializer`), and compare: lora_ft's speedup over the naive path and over the course (seconds per epoch),
     its model-FLOP utilisation, and its peak memory against full fine-tuning."""
-    from . import course, tasks
+    from . import course, task_code
 
     shape = bench_config(bench_model, load_tokenizer(tokenizer), architecture)  # fails here, not in a worker
     hidden, intermediate = shape.hidden_size, getattr(shape, "intermediate_size", None) or shape.n_inner
@@ -381,11 +386,11 @@ def run(
     jobs: dict[str, Callable[[], Any]] = {
         s.name: partial(measure, s, tokenizer, data, seed, architecture, task, bench_model) for s in setups(quick, task)
     }
-    missing = course.available() if tasks.get(task).code().COURSE_PEER else f"the course has no LoRA code for {task}"
+    missing = course.available() if task_code.get(task).COURSE_PEER else f"the course has no LoRA code for {task}"
     if bench_model != "gpt2":
         missing = "the course's LoRA code builds GPT-2 only"
     if missing is None:
-        jobs["course"] = partial(measure_course, quick, tokenizer, data, seed, architecture)
+        jobs["course"] = partial(measure_course, quick, tokenizer, data, seed, architecture, task)
     for name, job in jobs.items():
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(1, context, initializer) as worker:

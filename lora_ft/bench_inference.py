@@ -16,7 +16,7 @@ from datasets import Dataset
 from peft import TaskType, get_peft_model
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, set_seed
 
-from . import bench, classify, generation, instruct, methods
+from . import bench, generation, methods, task_code, tasks
 from .config import load_config
 
 
@@ -53,7 +53,8 @@ def _timed(work: Any) -> tuple[Any, float]:
 def measure_predict(tok: Any, data: str | None, seed: int, architecture: dict, count: int | None) -> dict[str, Any]:
     """The spam test split (its first `count` messages) classified by `predict`'s path (batches of the recipe's
     eval batch size, shortest first) and one message at a time."""
-    config = load_config("spam", overrides={"model": "gpt2", "data": data, "seed": seed})
+    classify = task_code.classifier()
+    config = load_config(tasks.serving("classify").name, overrides={"model": "gpt2", "data": data, "seed": seed})
     texts = list(classify.load_splits(config)[1]["test"]["text"])[:count]
     base = GPT2ForSequenceClassification(GPT2Config(**architecture, num_labels=2))
     model = _with_lora(base, TaskType.SEQ_CLS, config)
@@ -80,8 +81,8 @@ def measure_predict(tok: Any, data: str | None, seed: int, architecture: dict, c
 def measure_generate(tok: Any, seed: int, architecture: dict, count: int, new_tokens: int) -> dict[str, Any]:
     """`count` test instructions answered greedily, up to `new_tokens` each (or EOS), by `generate`'s path (one
     batch, left-padded, KV cache) and by the naive loop."""
-    config = load_config("instruct", overrides={"model": "gpt2", "seed": seed})
-    prompts = list(instruct.load_splits(config)[1]["test"]["prompt"])[:count]
+    config = load_config(tasks.serving("generate").name, overrides={"model": "gpt2", "seed": seed})
+    prompts = list(task_code.generator().load_splits(config)[1]["test"]["prompt"])[:count]
     model = _with_lora(GPT2LMHeadModel(GPT2Config(**architecture)), TaskType.CAUSAL_LM, config)
     answers, fast = _timed(lambda: generation.generate(model, tok, prompts, new_tokens, batch_size=count))
 

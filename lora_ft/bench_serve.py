@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from . import data, serve, server
+from . import data, serve, server, task_code
 
 CLIENTS = 16  # concurrent client threads
 PROMPT_END = data.format_prompt("i").rsplit("i", 1)[1]  # what ends a templated prompt ("### Response:")
@@ -39,7 +39,7 @@ def run(paths: list[str], quick: bool = False, batch_size: int = 16) -> dict[str
             figures["adapters"][name] = {
                 "task": adapter.manifest.task,
                 "requests": len(requests),
-                "max_tokens": max_tokens if adapter.task.serves == "generate" else None,
+                "max_tokens": requests[0][1].get("max_tokens"),  # None: a classifier's requests have none
                 **modes,
                 "speedup": batched["requests_per_second"] / single["requests_per_second"],
                 "same_answers": sum(a == b for a, b in zip(*answers, strict=True)) / len(requests),
@@ -49,13 +49,23 @@ def run(paths: list[str], quick: bool = False, batch_size: int = 16) -> dict[str
 
 def _requests(adapter: serve.Adapter, count: int, max_tokens: int) -> list[tuple[str, dict[str, Any]]]:
     """`count` requests on the adapter's own test inputs (repeated when the split is smaller)."""
-    inputs = adapter.task.code().check_texts(adapter.manifest, count)
+    inputs = task_code.get(adapter.task.name).check_texts(adapter.manifest, count)
     inputs = [inputs[i % len(inputs)] for i in range(count)]
-    if adapter.task.serves == "classify":
-        return [("/v1/classify", {"model": adapter.name, "input": text}) for text in inputs]
+    return REQUESTS[adapter.task.serves](adapter.name, inputs, max_tokens)
+
+
+def _classify_requests(name: str, inputs: list[str], max_tokens: int) -> list[tuple[str, dict[str, Any]]]:
+    return [("/v1/classify", {"model": name, "input": text}) for text in inputs]
+
+
+def _completion_requests(name: str, inputs: list[str], max_tokens: int) -> list[tuple[str, dict[str, Any]]]:
     prompts = [text[: text.index(PROMPT_END) + len(PROMPT_END)] if PROMPT_END in text else text for text in inputs]
-    body = {"model": adapter.name, "max_tokens": max_tokens, "raw": True}
+    body = {"model": name, "max_tokens": max_tokens, "raw": True}
     return [("/v1/completions", body | {"prompt": prompt}) for prompt in prompts]
+
+
+# The requests for what a task serves (`tasks.Task.serves`), as serve_batches.RUNS answers them.
+REQUESTS = {"classify": _classify_requests, "generate": _completion_requests}
 
 
 def _measure(url: str, requests: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:

@@ -9,15 +9,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from datasets import Dataset, DatasetDict
 
 from . import data, sandbox
 from .errors import UserError
-
-if TYPE_CHECKING:
-    from .manifest import Manifest
+from .manifest import Manifest
 
 ROLES = ("system", "user", "assistant")
 ASSISTANT = "assistant"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import adapters, callbacks, data, evaluation, methods, models, plots, report, runs, stats, training
+from . import adapters, callbacks, data, methods, models, plots, report, runs, stats, task_api, tasks, training
 from .config import RunConfig
 from .errors import UserError
 from .manifest import Manifest
@@ -149,7 +150,7 @@ def _length_order(dataset: Dataset) -> np.ndarray:
     return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
 
 
-def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> training.TrainResult:
+def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> adapters.TrainResult:
     """Train a LoRA classifier and write its adapter folder; returns the folder, manifest and trained model."""
     run = training.start("spam", config, overwrite, resume, load_splits, _new_base)
     config, tokenizer, splits = run.config, run.tokenizer, run.splits
@@ -190,7 +191,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
         if run.processes.is_main_process:
             title = f"test split, accuracy {metrics['test']['accuracy']:.1%}"
             plots.plot_confusion(metrics["test"]["confusion_matrix"], names, tmp / "confusion_matrix.png", title)
-    return training.TrainResult(run.output, manifest, model)
+    return adapters.TrainResult(run.output, manifest, model)
 
 
 def _new_base(
@@ -218,18 +219,7 @@ def load_base(
     return models.load_classifier_base(source, tokenizer, manifest.label_names, quantize, precision)
 
 
-def load(
-    adapter: str | Path,
-    base: models.ModelSource | None = None,
-    force: bool = False,
-    full_precision: bool = False,
-    onto: adapters.Loaded | None = None,
-    name: str = "default",
-) -> adapters.Loaded:
-    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
-    adapter goes on its base quantised as in training, or in float32 with `full_precision`. With `onto`, added to
-    that loaded adapter's model (and base) as PEFT adapter `name` (see `adapters.load_with_base`)."""
-    return adapters.load_with_base(adapter, "spam", load_base, base, force, full_precision, onto, name)
+load = adapters.loader("spam", load_base)  # TaskModule.load, on the classifier base above
 
 
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Prediction]:
@@ -265,9 +255,13 @@ def _predictions(texts: list[str], logits: torch.Tensor, names: list[str], cut: 
 
 
 def evaluate(adapter: str | Path, force: bool = False) -> tuple[dict[str, Any], Manifest]:
-    """Rebuild the adapter's test split from its manifest and recompute the test metrics (`evaluation.evaluate`).
-    Returns (recomputed test metrics, manifest)."""
-    result = evaluation.evaluate(adapter, force)
+    """Rebuild the adapter's test split from its manifest and recompute the test metrics, as `eval` does
+    (`task_api.rescore`). Returns (recomputed test metrics, manifest)."""
+    # This module scores its own adapters (`eval` finds the module through task_code, which sits above this one).
+    manifest = adapters.read_manifest(adapter)
+    if manifest.task not in tasks.TASKS or not tasks.same_kind(manifest.task, "spam"):
+        raise UserError(f"{adapter}: a '{manifest.task}' adapter, not a spam one (`eval` scores any task's)")
+    result = task_api.rescore(adapter, manifest, sys.modules[__name__], force)
     return result.metrics, result.manifest
 
 

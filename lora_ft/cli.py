@@ -55,7 +55,9 @@ def _train_config(task: str, args: argparse.Namespace) -> tuple[RunConfig, Path 
 
 def run_train(args: argparse.Namespace) -> int:
     """Any task's training command: its config (recipe, flags, or the interrupted run's), its run, its summary."""
-    task = tasks.get(args.command).code()
+    from . import task_code
+
+    task = task_code.get(args.command)
     config, resume = _train_config(args.command, args)
     result = task.train(config, overwrite=args.overwrite, resume=resume)
     if _main_process():
@@ -75,9 +77,9 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from . import spam
+    from . import task_code
 
-    predictions = spam.predict(args.adapter, _read_texts(args), force=args.force)
+    predictions = task_code.classifier().predict(args.adapter, _read_texts(args), force=args.force)
     for p in predictions:
         if args.json:
             record = {"text": p.text, "label": p.label, "score": round(p.score, 6), "truncated": p.truncated}
@@ -95,7 +97,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from . import evaluation
+    from . import evaluation, task_code
 
     if len(args.adapters) > 2:
         raise UserError(f"eval takes one adapter, or two to compare; got {len(args.adapters)}")
@@ -109,7 +111,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"test": metrics, "matches_manifest": same}, indent=2))
     else:
-        print(report.metrics_table({"test": metrics}, tasks.get(manifest.task).code().EVAL_COLUMNS))
+        print(report.metrics_table({"test": metrics}, task_code.get(manifest.task).EVAL_COLUMNS))
         if "confusion_matrix" in metrics:
             labels = manifest.label_names
             print(f"confusion matrix (rows: true {labels}, columns: predicted): {metrics['confusion_matrix']}")
@@ -137,10 +139,10 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from . import instruct
+    from . import task_code
 
     requests = _read_requests(args)
-    answers = instruct.respond(args.adapter, requests, seed=args.seed, force=args.force, **_sampling(args))
+    answers = task_code.generator().respond(args.adapter, requests, seed=args.seed, force=args.force, **_sampling(args))
     for request, answer in zip(requests, answers, strict=True):
         if args.json:
             record = {**request, "response": answer.response, "stopped_at_eos": answer.stopped_at_eos}
@@ -155,10 +157,10 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
-    from . import chat, generation, instruct
+    from . import chat, generation, task_code
 
     sampling = _sampling(args)
-    loaded = instruct.load(args.adapter, force=args.force)
+    loaded = task_code.generator().load(args.adapter, force=args.force)
     set_seed(args.seed)
     limit = sampling.pop("max_new_tokens") or (loaded.manifest.generation or {})["max_new_tokens"]
     interactive = sys.stdin.isatty()
@@ -183,17 +185,8 @@ def run_merge(args: argparse.Namespace) -> int:
 
     if args.tolerance <= 0:
         raise UserError(f"--tolerance must be > 0, got {args.tolerance}")
-    result = merge.merge(
-        args.adapter,
-        args.output,
-        args.dtype,
-        args.base,
-        args.overwrite,
-        args.force,
-        args.tolerance,
-        args.gguf,
-        args.gguf_adapter,
-    )
+    how = (args.dtype, args.base, args.overwrite, args.force, args.tolerance, args.gguf, args.gguf_adapter)
+    result = merge.merge(args.adapter, args.output, *how)  # merge's parameters, in its order
     section = result.manifest.merge
     check = section["check"]
     for mismatch in section["base_mismatches_forced"]:
@@ -400,8 +393,8 @@ def _as_flags(message: str) -> str:
 
 
 def _stopped(args: argparse.Namespace, error: BaseException, kept: Path | None = None) -> int:
-    """The exit code for what stopped a command, once the person has been told (by the main process, except for an
-    internal error): one line, and for a run kept in `kept`, how to resume it. Called while `error` is handled."""
+    """The exit code for what stopped a command, after one line to the person (from the main process, except for an
+    internal error) and, for a run kept in `kept`, how to resume it. Called while `error` is handled."""
     if isinstance(error, BrokenPipeError):  # the reader went away (`| head`): not an error; stop writing to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

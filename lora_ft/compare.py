@@ -19,7 +19,7 @@ import yaml
 from . import catalog, files, methods, plots, runs, stats, tasks
 from .config import load_config, read_recipe, task_defaults, validate
 from .errors import Interrupted, UserError
-from .manifest import FILENAME, Manifest
+from .manifest import Manifest
 
 log = logging.getLogger("lora_ft")
 
@@ -125,7 +125,7 @@ def compare(task: str, found: list[Run], output: str | Path, debug: bool = False
     for number, run in enumerate(found, 1):
         folder, recipe = output / run.name, output / RECIPES / f"{run.name}.yaml"
         text = yaml.safe_dump({"task": task, **run.settings}, sort_keys=False)
-        finished, resumable = (folder / FILENAME).is_file(), _resumable(folder)
+        finished, resumable = (folder / files.MANIFEST_NAME).is_file(), _resumable(folder)
         if finished or resumable:  # made (or begun) from the recipe asked for now, or refused
             _check_same(folder, recipe, text)
         if finished:

@@ -16,6 +16,7 @@ import yaml
 
 from . import catalog, files, tasks
 from .errors import UserError
+from .method_table import METHODS as METHOD_TABLE
 
 log = logging.getLogger("lora_ft")
 
@@ -46,7 +47,7 @@ BENCH_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }  # fmt: skip
 QUANTIZE = ("4bit", "8bit")
-METHODS = ("lora", "dora", "ia3", "vera", "full")  # what each is and can do: methods.METHODS
+METHODS = tuple(METHOD_TABLE)  # lora, dora, ia3, vera, full: what each is and can do in method_table
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 # TRL 1.16's DPO losses on (chosen, rejected) pairs; its `sft` (no preference) is left out. TRL has no stable
 # reference-free loss (ORPO, CPO and SimPO are in trl.experimental): every one here compares with the reference.

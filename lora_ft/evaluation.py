@@ -5,43 +5,21 @@ paired test of whether it is beyond noise (the tests each task names in `PAIRED`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from . import adapters, files, stats, tasks
-from .data import SPLITS
+from . import adapters, stats, task_code
 from .errors import UserError
 from .manifest import Manifest
-
-
-@dataclass
-class Evaluation:
-    """An adapter's test metrics as recomputed now, its manifest, and what each test example scored (the task's
-    per-example arrays, in test-split order), which the paired tests resample."""
-
-    adapter: str
-    metrics: dict[str, Any]
-    manifest: Manifest
-    scores: dict[str, np.ndarray]
+from .task_api import Evaluation as Evaluation  # its home is task_api; `evaluation.Evaluation` as before
+from .task_api import rescore
 
 
 def evaluate(adapter: str | Path, force: bool = False) -> Evaluation:
     """Rebuild the adapter's test split from its manifest (the same data file, byte for byte, and the same split
     sizes, or refused) and score the adapter on it with its task's own metrics."""
     manifest = adapters.read_manifest(adapter)
-    task = tasks.get(manifest.task, f"{adapter}: manifest 'task'").code()
-    data_path, splits = task.load_splits(manifest.run_config, manifest.fractions)
-    if files.sha256_file(data_path) != manifest.data["sha256"]:
-        raise UserError(f"{data_path}: not the data this adapter was trained on (sha256 differs from the manifest)")
-    sizes = {split: len(splits[split]) for split in SPLITS}
-    if sizes != manifest.data["split_sizes"]:
-        raise UserError(f"{adapter}: rebuilt split sizes {sizes} differ from the manifest's")
-    loaded = task.load(adapter, force=force)
-    metrics, scores = task.score_test(loaded, splits["test"], manifest.run_config)
-    return Evaluation(str(adapter), metrics, manifest, scores)
+    return rescore(adapter, manifest, task_code.get(manifest.task, f"{adapter}: manifest 'task'"), force)
 
 
 def matches_manifest(evaluation: Evaluation) -> bool:
@@ -90,7 +68,7 @@ def compare_pair(adapter_a: str | Path, adapter_b: str | Path, force: bool = Fal
     manifests = [adapters.read_manifest(a) for a in names]
     check_same_test_split(*manifests, names)
     a, b = evaluate(adapter_a, force), evaluate(adapter_b, force)
-    paired = tasks.get(manifests[0].task).code().PAIRED
+    paired = task_code.get(manifests[0].task).PAIRED
     metrics = {name: _paired(name, test, columns, a, b) for name, (test, columns) in paired.items()}
     return {
         "task": manifests[0].task,

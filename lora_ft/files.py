@@ -30,10 +30,15 @@ MANIFEST_NAME = "lora_ft.json"  # a folder holding one is lora_ft's: the only ki
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
+    hash_into(digest, path)
+    return digest.hexdigest()
+
+
+def hash_into(digest: Any, path: Path) -> None:
+    """`path`'s bytes fed to `digest` (a hashlib hash), a block at a time."""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
 
 
 def checked(path: Path, sha256: str) -> Path:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from . import progress
+from . import models, progress
 from .errors import UserError
 
 
@@ -38,7 +38,7 @@ def generate(
     leaves would cut a shorter one's answer (`_batches`)."""
     prompts = list(prompts)  # a dataset's column is a sequence, not the list a tokenizer takes
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
-    context = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name
+    context = models.context_length(model)
     room = [min(max_new_tokens, context - n) if context else max_new_tokens for n in lengths]  # each one's, alone
     results: dict[int, Generation] = {}
     sampling = sampling_args(temperature, top_p)
@@ -86,7 +86,7 @@ def generate_batch(
     """`prompts` as one left-padded batch through `model.generate`: each row's new tokens (an EOS and the padding
     after it included), at most `max_new_tokens` and what the model's context leaves. `watch`: generate's
     `streamer` and `stopping_criteria` (serve streams tokens and stops cancelled rows)."""
-    context = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name
+    context = models.context_length(model)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)

@@ -245,7 +245,7 @@ def response_records(test: Dataset, generations: list[Generation]) -> list[dict[
     ]
 
 
-def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> training.TrainResult:
+def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> adapters.TrainResult:
     """Instruction-tune with LoRA and write the adapter folder; returns the folder, manifest and trained model."""
     run = training.start("instruct", config, overwrite, resume, load_splits, _new_base)
     config, tokenizer = run.config, run.tokenizer
@@ -297,7 +297,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
         if run.processes.is_main_process:
             records = response_records(test, generations)
             (tmp / RESPONSES).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return training.TrainResult(run.output, manifest, model)
+    return adapters.TrainResult(run.output, manifest, model)
 
 
 def _new_base(
@@ -316,18 +316,7 @@ def load_base(
     return models.load_causal_base(source, tokenizer, quantize, precision)
 
 
-def load(
-    adapter: str | Path,
-    base: models.ModelSource | None = None,
-    force: bool = False,
-    full_precision: bool = False,
-    onto: adapters.Loaded | None = None,
-    name: str = "default",
-) -> adapters.Loaded:
-    """Base (as the manifest names it, or `base`) + adapter, in eval mode, with the adapter's tokenizer. A QLoRA
-    adapter goes on its base quantised as in training, or in float32 with `full_precision`. With `onto`, added to
-    that loaded adapter's model (and base) as PEFT adapter `name` (see `adapters.load_with_base`)."""
-    return adapters.load_with_base(adapter, "instruct", load_base, base, force, full_precision, onto, name)
+load = adapters.loader("instruct", load_base)  # TaskModule.load, on the causal LM base above
 
 
 def respond(

@@ -11,8 +11,6 @@ from .config import METHODS, RunConfig
 from .errors import UserError
 from .files import MANIFEST_NAME, MAX_RECORD_BYTES, parse_json, read_bytes, sha256_file
 
-FILENAME = MANIFEST_NAME
-
 
 class Section:
     """A manifest key read as an attribute: `manifest.metrics` is `manifest["metrics"]` (None when absent)."""
@@ -91,16 +89,16 @@ class Manifest(dict):
         return Manifest({**self, "merge": section})
 
     def write(self, folder: Path) -> None:
-        (folder / FILENAME).write_text(json.dumps(self, indent=2) + "\n", encoding="utf-8")
+        (folder / MANIFEST_NAME).write_text(json.dumps(self, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
         """The folder's manifest; a missing, unreadable or incomplete one is a UserError naming the file."""
-        path = Path(folder) / FILENAME
+        path = Path(folder) / MANIFEST_NAME
         if not Path(folder).is_dir():
             raise UserError(f"{folder}: adapter folder not found")
         if not path.is_file():
-            raise UserError(f"{folder}: not a lora_ft adapter folder (no {FILENAME})")
+            raise UserError(f"{folder}: not a lora_ft adapter folder (no {MANIFEST_NAME})")
         try:
             value = parse_json(read_bytes(path, MAX_RECORD_BYTES, "manifest").decode("utf-8"))
         except OSError as e:

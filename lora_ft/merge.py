@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
-from . import adapters, files, gguf_export, interop, methods, models, tasks
+from . import adapters, files, gguf_export, interop, methods, models, task_code, tasks
 from .errors import UserError
-from .manifest import FILENAME, Manifest
+from .manifest import Manifest
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOLERANCE = 1e-4  # max abs logit difference allowed between the float32 merge and base + adapter
@@ -32,7 +32,7 @@ class MergeResult:
 def check_texts(manifest: Manifest, count: int = CHECK_EXAMPLES) -> tuple[list[str], str]:
     """Inputs to compare the merged model on: the first test examples of the adapter's own split (rebuilt from its
     manifest by its task), or the task's sample texts when its data file is not there as it was. Also says which."""
-    task = tasks.get(manifest.task, FILENAME).code()
+    task = task_code.get(manifest.task, files.MANIFEST_NAME)
     if not manifest.data_unchanged():
         texts = task.SAMPLE_TEXTS
         return texts, f"{len(texts)} built-in texts ({manifest.data_file} is not there as it was)"
@@ -85,8 +85,8 @@ def merge(
     `gguf_adapter`, also the adapter alone as a GGUF LoRA, `<output name>.lora.gguf` (in `gguf`'s type, or f32)."""
     adapter, output = Path(adapter), Path(output)
     manifest = adapters.read_manifest(adapter)
-    task = tasks.get(manifest.task, str(adapter / FILENAME))
-    load = task.code().load
+    task = tasks.get(manifest.task, str(adapter / files.MANIFEST_NAME))
+    load = task_code.get(task.name).load
     method = methods.of(manifest.config)
     if not method.adapter:
         raise UserError(
@@ -99,7 +99,7 @@ def merge(
         raise UserError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if gguf is not None and gguf not in gguf_export.QTYPES:
         raise UserError(f"`gguf` must be one of {', '.join(gguf_export.QTYPES)}, got {gguf!r}")
-    if (gguf is not None or gguf_adapter) and task.model_class != "AutoModelForCausalLM":
+    if (gguf is not None or gguf_adapter) and not task.gguf:
         raise UserError(
             f"{adapter}: a {task.name} adapter cannot be exported as GGUF: llama.cpp runs language models only "
             "(it has no classification head)"
@@ -221,7 +221,6 @@ def _modelfile(folder: Path, gguf_name: str, manifest: Manifest, tokenizer: PreT
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> BatchEncoding:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    models.pad_with_eos(tokenizer)
     length = min(max_length, CHECK_MAX_TOKENS)
     return tokenizer(texts, truncation=True, max_length=length, padding=True, return_tensors="pt")

@@ -5,40 +5,20 @@ line before a model is loaded rather than deep inside PEFT."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import config as configs
 from .config import RunConfig
 from .errors import UserError
+from .method_table import METHODS, Method
 
-if TYPE_CHECKING:
-    import torch
-    from peft import PeftConfig, TaskType
-
-# torch, PEFT and models are imported where they are used: the listing reads `METHODS` without loading them.
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    adapter: bool  # saved as a PEFT adapter apart from the frozen base; False: the whole model is saved
-    rank: bool  # reads `lora_r` (its matrices' rank)
-    lora_variants: bool  # `use_rslora` and `init_lora_weights` apply
-    quantized_base: bool  # trains on a 4- or 8-bit base (PEFT has bitsandbytes layers for it)
-    gguf_adapter: bool  # llama.cpp's GGUF adapters hold plain LoRA pairs (alpha / r), nothing else
+# torch, PEFT and models are imported where they are used: the listing reads `METHODS` without loading them. Their
+# types are named, not imported, in the signatures:
+Module = Any  # torch.nn.Module
+PeftConfig = Any  # peft.PeftConfig
+TaskType = Any  # peft.TaskType
 
 
-METHODS = {
-    "lora": Method("lora", adapter=True, rank=True, lora_variants=True, quantized_base=True, gguf_adapter=True),
-    "dora": Method("dora", adapter=True, rank=True, lora_variants=True, quantized_base=True, gguf_adapter=False),
-    "ia3": Method("ia3", adapter=True, rank=False, lora_variants=False, quantized_base=True, gguf_adapter=False),
-    # PEFT 0.21's VeRA has no bitsandbytes layers
-    "vera": Method("vera", adapter=True, rank=True, lora_variants=False, quantized_base=False, gguf_adapter=False),
-    "full": Method("full", adapter=False, rank=False, lora_variants=False, quantized_base=False, gguf_adapter=False),
-}
-assert tuple(METHODS) == configs.METHODS  # the flag's choices are these
 # PiSSA and OLoRA start A and B from the weights' singular vectors (QR for OLoRA) and subtract B A from the base
 # weights: the adapter as trained fits only that adjusted base (see `keep_initial`).
 REWRITES_BASE = ("pissa", "olora")
@@ -80,7 +60,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def peft_config(model: torch.nn.Module, task_type: TaskType, config: RunConfig) -> PeftConfig | None:
+def peft_config(model: Module, task_type: TaskType, config: RunConfig) -> PeftConfig | None:
     """PEFT's config for the run's method, on the architecture's projections unless `config.target_modules` names
     others; None for full fine-tuning."""
     from peft import IA3Config, LoftQConfig, LoraConfig, VeraConfig
@@ -123,7 +103,7 @@ def peft_config(model: torch.nn.Module, task_type: TaskType, config: RunConfig) 
     )
 
 
-def wrap(model: torch.nn.Module, task_type: TaskType, config: RunConfig) -> torch.nn.Module:
+def wrap(model: Module, task_type: TaskType, config: RunConfig) -> Module:
     """`model` with the run's method attached (PEFT), or as it is for full fine-tuning (every weight trains)."""
     from peft import get_peft_model
 
@@ -147,7 +127,7 @@ def adapter_off_is_base(config: RunConfig) -> bool:
     return of(config).adapter and config.init_lora_weights not in REWRITES_BASE
 
 
-def _with_parent(model: torch.nn.Module, leaves: list[str]) -> list[str]:
+def _with_parent(model: Module, leaves: list[str]) -> list[str]:
     """`leaves` (layer names) as "parent.leaf" for every place each occurs in the model."""
     found = set()
     for name, _ in model.named_modules():
@@ -198,7 +178,7 @@ def finish_conversion(model: Any, folder: Path) -> None:
     shutil.rmtree(initial)
 
 
-def trainable(model: torch.nn.Module) -> tuple[int, int]:
+def trainable(model: Module) -> tuple[int, int]:
     """(trainable, all) parameters of a PEFT model or of a whole model being fine-tuned."""
     from peft import PeftModel
 
@@ -207,7 +187,7 @@ def trainable(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 
-def section(model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
+def section(model: Module, config: RunConfig) -> dict[str, Any]:
     """The manifest's `lora` section: the method, what it adapted, and how many parameters it trained."""
     from peft import LoraConfig, PeftModel
 
@@ -226,7 +206,7 @@ def section(model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
     return found | {"trainable_parameters": trained, "total_parameters": total}
 
 
-def lora_targets(model: torch.nn.Module) -> tuple[list[str], bool]:
+def lora_targets(model: Module) -> tuple[list[str], bool]:
     """Names of the linear projections inside the transformer blocks (attention and MLP), and whether they
     are GPT-2-style `Conv1D` layers, whose weights are stored transposed (`fan_in_fan_out=True`)."""
     import torch
@@ -247,7 +227,7 @@ def lora_targets(model: torch.nn.Module) -> tuple[list[str], bool]:
     return sorted(names), conv1d
 
 
-def chosen_targets(model: torch.nn.Module, config: RunConfig) -> tuple[list[str], bool]:
+def chosen_targets(model: Module, config: RunConfig) -> tuple[list[str], bool]:
     """The layers to adapt: `config.target_modules`, checked to be in the model, else the architecture's
     projections (`lora_targets`); and whether they are Conv1D layers."""
     found, conv1d = lora_targets(model)

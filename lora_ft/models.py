@@ -33,7 +33,7 @@ from transformers import (
 from . import files, hardware, progress
 from .config import FALLBACK_MODEL
 from .errors import UserError
-from .files import cache_dir, offline, read_json_object, write_json_atomically
+from .files import cache_dir, hash_into, offline, read_json_object, write_json_atomically
 
 log = logging.getLogger("lora_ft")
 
@@ -196,10 +196,20 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
             tokenizer = GPT2TokenizerFast.from_pretrained(folder)
         else:
             raise UserError(f"{source.location}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def pad_with_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A tokenizer without a pad token (GPT-2's) pads with its EOS token: the attention mask hides the padding."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def context_length(model: Any) -> int | None:
+    """The most positions `model` reads, where its config says (GPT-2's n_positions answers to this name too)."""
+    return getattr(model.config, "max_position_embeddings", None)
 
 
 def quantization_config(quantize: str | None, precision: str) -> BitsAndBytesConfig | None:
@@ -360,9 +370,7 @@ def weights_sha256(folder: Path, gguf_file: str | None = None) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        hash_into(digest, f)
     known[key] = {"files": stamps, "sha256": digest.hexdigest()}
     with contextlib.suppress(OSError):  # a read-only cache only costs the next load its hashing
         write_json_atomically(cache, known)

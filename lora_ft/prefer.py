@@ -30,6 +30,8 @@ log = logging.getLogger("lora_ft")
 RESPONSES = instruct.RESPONSES
 COURSE_PEER = False  # the course's DPO (chapter 7's bonus) trains every weight: no LoRA code to compare with
 SAMPLE_TEXTS = instruct.SAMPLE_TEXTS
+EVAL_COLUMNS: tuple[str, ...] = ()  # `eval` does not score a prefer adapter again (see score_test)
+PAIRED: dict[str, tuple[str, tuple[str, ...]]] = {}
 REFERENCE = "ref"  # TRL's name for the frozen copy of the starting adapter
 POLICY = "default"  # the trained adapter (PEFT's first adapter name)
 MARGINS_PLOT = "reward_margin.png"
@@ -37,12 +39,14 @@ MARGINS_PLOT = "reward_margin.png"
 FROM_START = ("model", "method", "lora_r", "lora_alpha", "use_rslora", "target_modules", "quantize")
 
 
-def load_splits(config: RunConfig) -> tuple[Path, DatasetDict]:
+def load_splits(
+    config: RunConfig, fractions: tuple[float, float, float] = data.INSTRUCTION_FRACTIONS
+) -> tuple[Path, DatasetDict]:
     """The data file and its split: `data.instruction_splits`, as instruct splits. The course's preference file holds
     the instruction data's records in the same order, so the same seed puts the same records in each split.
     Degenerate pairs are still in (dropped before them, they would shift every later record's split)."""
     path = data.resolve_data_file(data.PREFERENCE_DATA, config.data)
-    return path, data.instruction_splits(pairs.read_pairs(path), config.seed, data.INSTRUCTION_FRACTIONS, path)
+    return path, data.instruction_splits(pairs.read_pairs(path), config.seed, fractions, path)
 
 
 def starting_adapter(config: RunConfig) -> Manifest | None:
@@ -184,7 +188,7 @@ def parameters_in_memory(trainer: DPOTrainer) -> int:
     return sum(unique.values())
 
 
-def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> training.TrainResult:
+def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None) -> adapters.TrainResult:
     """DPO with LoRA and write the adapter folder; returns the folder, manifest and trained model (its adapter "ref",
     when it started from an adapter, the frozen reference)."""
     start = starting_adapter(config)
@@ -252,7 +256,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
                 for row, g in zip(answered, generations, strict=True)
             ]
             (tmp / RESPONSES).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return training.TrainResult(run.output, manifest, model)
+    return adapters.TrainResult(run.output, manifest, model)
 
 
 def preference_section(config: RunConfig, start: Manifest | None, trainer: DPOTrainer) -> dict[str, Any]:
@@ -291,8 +295,10 @@ def _new_base(
     return PeftModel.from_pretrained(base, config.from_adapter, adapter_name=POLICY, is_trainable=True)
 
 
-# A prefer adapter is an instruction-following causal LM: it loads as an instruct one (`tasks.same_kind`).
+# A prefer adapter is an instruction-following causal LM: it loads and answers as an instruct one
+# (`tasks.same_kind`).
 load = instruct.load
+respond = instruct.respond
 
 
 def check_texts(manifest: Manifest, count: int) -> list[str]:
@@ -306,7 +312,21 @@ def check_texts(manifest: Manifest, count: int) -> list[str]:
 
 
 def bench_data(train: Dataset, tokenizer: Any, config: RunConfig, pad_to_longest: bool) -> tuple[Any, Any]:
-    raise UserError("`bench` measures one-sequence training (spam, instruct); DPO's paired passes are not measured")
+    raise UserError(NOT_BENCHED)
+
+
+def bench_trainer(model: Any, pad_to_longest: bool) -> type:
+    raise UserError(NOT_BENCHED)
+
+
+NOT_BENCHED = "`bench` measures one-sequence training (spam, instruct); DPO's paired passes are not measured"
+
+
+def score_test(loaded: adapters.Loaded, test: Dataset, config: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    raise UserError(
+        "`eval` scores spam and instruct adapters again; a prefer adapter's test figures need DPO's reference "
+        "model: they are in its manifest's `metrics`"
+    )
 
 
 def summary(manifest: Manifest, folder: Path) -> list[str]:

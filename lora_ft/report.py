@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .adapters import Listed
-    from .catalog import Recipe
+from .catalog import Recipe
+
+
+@dataclass
+class Listed:
+    """One row of `adapters`: an adapter or merged export folder, described by its manifest (built by
+    `adapters.list_adapters`, shown by `listing`)."""
+
+    path: str
+    kind: str  # "adapter" | "merged" | "?" (manifest unreadable) | "interrupted" | "running" (a training run)
+    task: str | None = None
+    method: str | None = None  # lora, dora, ia3, vera, full (config.METHODS)
+    base: str | None = None
+    created: str | None = None
+    metric: str | None = None
+    value: float | None = None
+    interval: list[float] | None = None  # the test metric's 95% interval (its `_ci95` in the manifest), if recorded
+    size_bytes: int = 0
+    problem: str | None = None
+    state: str | None = None  # a training run's: "PID N" when running, else the step it can resume from, if any
+
 
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "loss")
 

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import RunKept, UserError
 from .files import (
@@ -31,8 +31,7 @@ try:
 except ImportError:  # Windows: runs are not locked there
     fcntl = None  # type: ignore[assignment]
 
-if TYPE_CHECKING:
-    from accelerate import PartialState
+PartialState = Any  # accelerate's, not imported here (a run's folder is handled before torch is needed)
 
 log = logging.getLogger("lora_ft")
 

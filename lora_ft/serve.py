@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from . import adapters, chat, generation, methods, models, serve_batches, tasks
+from . import adapters, chat, generation, methods, models, serve_batches, task_code, tasks
 from .config import ServeLimits as Limits
 from .errors import UserError
 from .manifest import Manifest
@@ -122,7 +122,7 @@ class Base:
     def __init__(self, loaded: adapters.Loaded, model_class: str, limits: Limits, stats: Stats):
         self.loaded, self.model, self.model_class = loaded, loaded.model, model_class
         self.limits, self.stats = limits, stats
-        self.context: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        self.context = models.context_length(self.model)
         self.waiting: deque[Job] = deque()
         self.ready = threading.Condition()
         self.weight_bytes = 0
@@ -241,7 +241,7 @@ class Registry:
         base, peft_name = self.keys.get(key), f"served_{len(self.adapters)}"  # PEFT names: no dots, unlike folders
         started = time.perf_counter()
         with base.using if base else contextlib.nullcontext():
-            loaded = task.code().load(path, onto=base.loaded if base else None, name=peft_name)
+            loaded = task_code.get(task.name).load(path, onto=base.loaded if base else None, name=peft_name)
         if base is None:
             base = self.keys[key] = Base(loaded, task.model_class, self.limits, self.stats)
             self.bases.append(base)

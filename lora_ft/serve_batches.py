@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 
-from . import classify, generation
+from . import generation, task_code
 
 
 def _classify(model: Any, adapter: Any, batch: list[Any]) -> None:
     texts = [text for job in batch for text in job.inputs]
     labels, max_length = adapter.manifest.label_names, adapter.manifest.config["max_length"]
-    predictions = iter(classify.classify_batch(model, adapter.tokenizer, texts, labels, max_length))
+    classify_batch = task_code.classifier(adapter.task.name).classify_batch
+    predictions = iter(classify_batch(model, adapter.tokenizer, texts, labels, max_length))
     for job in batch:
         job.notify("done", list(itertools.islice(predictions, len(job.inputs))))
 

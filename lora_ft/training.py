@@ -31,6 +31,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from . import adapters, methods, models, plots, runs
+from .adapters import TrainResult as TrainResult  # a task's `train` returns it; its name here from before
 from .callbacks import (
     ProgressLog,
     SeededLengthGroupedSampler,
@@ -98,7 +99,7 @@ def start(
         models.set_dropout(base, config.model_dropout)  # before LoRA wraps it: LoRA's own is `lora_dropout`
         if config.compile:
             compile_blocks(base)  # traced at their first call, so with the LoRA layers added after this
-    positions = getattr(base.config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this too
+    positions = models.context_length(base)
     if positions and config.max_length > positions:  # found now, not while scoring after training
         raise UserError(f"`max_length` {config.max_length}: more than the {positions} positions {config.model} has")
     base_info = models.describe_base(source, base)
@@ -202,15 +203,6 @@ def save(
         methods.finish_conversion(model, folder)
         adapters.write_manifest(folder, manifest)
         plots.plot_loss(trainer.state.log_history, folder / "loss.png")
-
-
-@dataclass
-class TrainResult:
-    """What `spam.train` and `instruct.train` return: the adapter folder, its manifest, the trained model."""
-
-    adapter_dir: Path
-    manifest: Manifest
-    model: PeftModel
 
 
 def cpu_only() -> bool:

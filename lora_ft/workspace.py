@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from . import adapters, compare, files, methods, plots, report, tasks
+from . import adapters, compare, files, methods, plots, report, task_code, tasks
 from .config import RunConfig, parse_recipe, settings, task_defaults, validate
 from .errors import UserError
 from .manifest import Manifest
@@ -83,7 +83,7 @@ class Workspace:
         except UserError as e:
             raise SettingError(str(e), None) from None
         try:
-            tasks.get(task).code().load_splits(config)
+            task_code.get(task).load_splits(config)
         except UserError as e:  # the reader names the file by its whole path; the page shows the workspace's
             raise SettingError(str(e).replace(f"{self.root}{os.sep}", ""), "data") from None
         return values

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from lora_ft import adapters, chat, data, report, runs
 from lora_ft.config import RECIPES_DIR, RunConfig, load_config
 from lora_ft.errors import UserError
-from lora_ft.manifest import FILENAME, Manifest
+from lora_ft.files import MANIFEST_NAME as FILENAME
+from lora_ft.manifest import Manifest
 
 # Deterministic (the same examples on every run, nothing saved between runs) and bounded: the file runs in well
 # under a minute on 2 cores.
