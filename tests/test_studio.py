@@ -70,6 +70,15 @@ def ended(view: dict) -> bool:
     return view["status"] not in ("queued", "running", "stopping")
 
 
+def _first_checkpoint(partial: Path, seconds: float = 300) -> None:
+    """Wait until the run has saved its first checkpoint (after its first evaluation): a stop sent before it stops
+    the run with nothing to resume from, which is right but not what these tests follow."""
+    deadline = time.monotonic() + seconds
+    while runs.newest_checkpoint(partial) is None:
+        assert time.monotonic() < deadline, f"no checkpoint in {partial} after {seconds} s"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def workspace(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model, 200 SMS rows, a data file with a bad row, and a file of the user's own, which nothing may
@@ -103,6 +112,7 @@ def finished_run(studio: Studio, workspace: Path) -> dict:
     run_id = response.json()["id"]
     view = studio.events_until(run_id, points=2)
     assert view["status"] == "running" and view["progress"]["last"]["max_steps"] == RUN["max_steps"]
+    _first_checkpoint(workspace / "adapters" / f".{run_id}.partial")
     stopping = studio.client.post(f"/api/runs/{run_id}/stop").json()
     assert stopping["status"] == "stopping"
     stopped = studio.wait_for(run_id, ended)
@@ -328,6 +338,7 @@ def _page_loop(studio: Studio, browser, workspace: Path, finished_run: dict) -> 
     wait.until(lambda b: int(chart.get_attribute("data-points") or 0) >= 2)
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-loss canvas")
     browser.save_screenshot(str(SCREENSHOTS / "studio-watch.png"))
+    _first_checkpoint(workspace / "adapters" / f".{run_id}.partial")  # a stop before it has nothing to resume
     browser.find_element(By.ID, "stop").click()
     wait.until(lambda b: "stopped" in b.find_element(By.ID, "figures").text)
     assert "checkpoint saved" in browser.find_element(By.ID, "run-error").text
