@@ -103,8 +103,11 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     """`data` at `path`, written beside it first and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:  # a write cut short (a full disk) leaves no temp file behind
+        tmp.unlink(missing_ok=True)
 
 
 def write_bytes_new(path: Path, data: bytes) -> None:
@@ -115,7 +118,15 @@ def write_bytes_new(path: Path, data: bytes) -> None:
         raise FileExistsError(errno.EEXIST, "File exists", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_bytes(data)
+    try:  # the temp file goes whatever happens: linked into place, or a write cut short (a full disk)
+        tmp.write_bytes(data)
+        _link_new(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """`tmp` hard-linked as `path`, never over a file there; renamed where the filesystem has no hard links."""
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -124,8 +135,6 @@ def write_bytes_new(path: Path, data: bytes) -> None:
         if path.exists() or path.is_symlink():
             raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomically(path: Path, value: Any) -> None:

@@ -35,6 +35,7 @@ PAIRED: dict[str, tuple[str, tuple[str, ...]]] = {}
 REFERENCE = "ref"  # TRL's name for the frozen copy of the starting adapter
 POLICY = "default"  # the trained adapter (PEFT's first adapter name)
 MARGINS_PLOT = "reward_margin.png"
+NOT_BENCHED = "`bench` measures one-sequence training (spam, instruct); DPO's paired passes are not measured"
 # What a starting adapter decides of the run: it is continued as it is, on its own base.
 FROM_START = ("model", "method", "lora_r", "lora_alpha", "use_rslora", "target_modules", "quantize")
 
@@ -317,9 +318,6 @@ def bench_data(train: Dataset, tokenizer: Any, config: RunConfig, pad_to_longest
 
 def bench_trainer(model: Any, pad_to_longest: bool) -> type:
     raise UserError(NOT_BENCHED)
-
-
-NOT_BENCHED = "`bench` measures one-sequence training (spam, instruct); DPO's paired passes are not measured"
 
 
 def score_test(loaded: adapters.Loaded, test: Dataset, config: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
