@@ -81,14 +81,14 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def spam_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
     """A LoRA classifier trained on the real SMS split for a few dozen steps; the base hashed before and after."""
-    from lora_ft import spam
-    from lora_ft.config import load_config
+    from lora_ft.core.config import load_config
+    from lora_ft.tasks import classify
 
     before = tree_sha256(tiny_gpt2)
     output = tmp_path_factory.mktemp("adapters") / "spam-tiny"
     overrides = {"model": str(tiny_gpt2), "output": str(output), "max_steps": 60, **EXACT}
     config = load_config("spam", overrides=overrides)
-    result = spam.train(config)
+    result = classify.train(config)
     return result, before
 
 
@@ -102,8 +102,8 @@ def write_examples(path: Path) -> Path:
 def instruct_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
     """LoRA trained until greedy decoding gives the four answers (under a minute on 2 cores). The random base's
     logits are small (frozen final layer norm and tied embeddings), so the loss stays high while the argmax is right."""
-    from lora_ft import instruct
-    from lora_ft.config import load_config
+    from lora_ft.core.config import load_config
+    from lora_ft.tasks import instruct
 
     folder = tmp_path_factory.mktemp("instruct")
     before = tree_sha256(tiny_gpt2)

@@ -18,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_ft import adapters, training
+from lora_ft.engine import adapters, training
 
 
 def step(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> None:

@@ -12,8 +12,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_ft import classify, hardware, instruct, merge, models
-from lora_ft.config import load_config
+from lora_ft.core.config import load_config
+from lora_ft.engine import hardware, models
+from lora_ft.export import merge
+from lora_ft.tasks import classify, instruct
 
 from .conftest import write_examples
 

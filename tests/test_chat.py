@@ -15,9 +15,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, GPT2TokenizerFast
 
-from lora_ft import chat, cli, data, generation, instruct, merge, models, serve, server
-from lora_ft.config import load_config
-from lora_ft.errors import UserError
+from lora_ft import cli, data
+from lora_ft.core.config import load_config
+from lora_ft.core.errors import UserError
+from lora_ft.data import chat
+from lora_ft.engine import generation, models
+from lora_ft.export import merge
+from lora_ft.serve import pool, server
+from lora_ft.tasks import instruct
 
 from .conftest import GPT2_TOKENIZER, write_examples
 
@@ -261,7 +266,7 @@ def test_serve_renders_the_whole_conversation_for_a_chat_adapter(chat_run):
     body = server.ChatRequest(
         model="adapter", messages=[{"role": "developer", "content": "Answer briefly."}, *TWO_TURNS[1:4]]
     )
-    registry = serve.load([str(chat_run.adapter_dir)])
+    registry = pool.load([str(chat_run.adapter_dir)])
     done = threading.Event()
     request = {"instruction": body.instruction(), "messages": body.conversation()}
     sampling = {"temperature": 0.0, "top_p": 1.0, "seed": None}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_ft import compare
-from lora_ft.errors import UserError
+from lora_ft.bench import compare
+from lora_ft.core.errors import UserError
 
 from .conftest import run_cli
 from .test_methods import write_spam
@@ -87,7 +87,7 @@ def test_bad_runs_files_are_refused(tmp_path: Path, text: str, message: str):
 
 
 def test_compare_seeds_writes_mean_std_interval_and_per_seed_rows(tiny_gpt2: Path, tmp_path: Path):
-    from lora_ft import stats
+    from lora_ft.core import stats
 
     data, output = write_spam(tmp_path / "sms.tsv"), tmp_path / "cmp"
     args = ["compare", "spam", "--methods", "lora,ia3", "--lora-r", "2", "--seeds", "2", "--model", str(tiny_gpt2)]

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_ft.config import TASKS, RunConfig, default_recipe, load_config, task_defaults
-from lora_ft.errors import UserError
+from lora_ft.core.config import TASKS, RunConfig, default_recipe, load_config, task_defaults
+from lora_ft.core.errors import UserError
 
 
 @pytest.mark.parametrize("task", TASKS)

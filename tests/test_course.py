@@ -5,7 +5,7 @@ import sys
 import pytest
 from transformers import GPT2TokenizerFast
 
-from lora_ft import course
+from lora_ft.bench import course
 
 from .conftest import GPT2_TOKENIZER
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_ft import data, files
-from lora_ft.errors import UserError
+from lora_ft import data
+from lora_ft.core import files
+from lora_ft.core.errors import UserError
 
 from .conftest import DATA_DIR, GPT2_TOKENIZER
 

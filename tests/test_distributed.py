@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_ft import spam, training
+from lora_ft.engine import training
+from lora_ft.tasks import classify
 
 from .conftest import DATA_DIR, REPO
 
@@ -59,9 +60,9 @@ def test_manifest_records_both_processes(ddp_run):
 
 def test_adapter_loads_predicts_and_reproduces_its_metrics(ddp_run):
     output, _ = ddp_run
-    (prediction,) = spam.predict(output, ["free prize call now"])
+    (prediction,) = classify.predict(output, ["free prize call now"])
     assert prediction.label in {"ham", "spam"} and 0.5 <= prediction.score <= 1
-    metrics, manifest = spam.evaluate(output)  # one process, in order: the gathered test logits were too
+    metrics, manifest = classify.evaluate(output)  # one process, in order: the gathered test logits were too
     assert metrics == manifest["metrics"]["test"]
 
 
@@ -110,6 +111,6 @@ def test_fsdp_recipe_on_cpus_is_refused_in_one_line(tiny_gpt2: Path, tmp_path: P
     said = done.stdout + done.stderr
     assert "error: the accelerate config asks for FSDP, which accelerate runs on GPUs only" in said
     assert (
-        "internal error" not in said and "lora_ft/cli.py" not in said
+        "internal error" not in said and "lora_ft/cli/__init__.py" not in said
     )  # no traceback of lora_ft's (the launcher's own follows)
     assert not (tmp_path / "out").exists()

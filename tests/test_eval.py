@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from lora_ft import cli, instruct, spam, stats
-from lora_ft.config import load_config
+from lora_ft import cli
+from lora_ft.core import stats
+from lora_ft.core.config import load_config
+from lora_ft.tasks import classify, instruct
 
 from .conftest import write_examples
 
 
 def _spam(tiny_gpt2: Path, folder: Path, **overrides) -> Path:
     settings = {"model": str(tiny_gpt2), "output": str(folder), "precision": "fp32"} | overrides
-    return spam.train(load_config("spam", overrides=settings)).adapter_dir
+    return classify.train(load_config("spam", overrides=settings)).adapter_dir
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_manifest_summary_and_listing_carry_intervals(spam_adapters, capsys):
         assert m["accuracy_ci95"] == pytest.approx(stats.wilson(right, m["examples"]))
         assert m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
         assert m["f1_ci95"][0] <= m["f1"] <= m["f1_ci95"][1]
-    summary = spam.summary(spam.adapters.read_manifest(folder), folder)[0].splitlines()
+    summary = classify.summary(classify.adapters.read_manifest(folder), folder)[0].splitlines()
     assert "accuracy 95% CI" in summary[0] and "f1 95% CI" in summary[0]
     low, high = manifest["metrics"]["test"]["accuracy_ci95"]
     assert f"[{low:.4f}, {high:.4f}]" in next(line for line in summary if line.startswith("test"))
@@ -95,11 +97,11 @@ def test_eval_pair_matches_predictions(spam_adapters, capsys):
     assert accuracy["difference"] == pytest.approx(accuracy["a"] - accuracy["b"])
 
     # McNemar's counts from the two adapters' own labels of the test messages, counted here
-    manifest = spam.adapters.read_manifest(a)
-    test = spam.load_splits(manifest.run_config, manifest.fractions)[1]["test"]
+    manifest = classify.adapters.read_manifest(a)
+    test = classify.load_splits(manifest.run_config, manifest.fractions)[1]["test"]
     truth = [test.features["label"].names[i] for i in test["label"]]
-    right_a = [p.label == t for p, t in zip(spam.predict(a, test["text"]), truth, strict=True)]
-    right_b = [p.label == t for p, t in zip(spam.predict(b, test["text"]), truth, strict=True)]
+    right_a = [p.label == t for p, t in zip(classify.predict(a, test["text"]), truth, strict=True)]
+    right_b = [p.label == t for p, t in zip(classify.predict(b, test["text"]), truth, strict=True)]
     only_a = sum(x and not y for x, y in zip(right_a, right_b, strict=True))
     only_b = sum(y and not x for x, y in zip(right_a, right_b, strict=True))
     assert (accuracy["only_a_right"], accuracy["only_b_right"]) == (only_a, only_b)

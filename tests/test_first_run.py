@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_ft import cli, config, files
-from lora_ft.config import DEFAULT_MODEL, FALLBACK_RECIPES, fallback_recipe, load_config
+from lora_ft import cli
+from lora_ft.core import config, files
+from lora_ft.core.config import DEFAULT_MODEL, FALLBACK_RECIPES, fallback_recipe, load_config
 
 FALLBACK_LINE = "training the bundled SmolLM2-135M instead (spam-smollm2.yaml) — pass --model gpt2 to insist"
 

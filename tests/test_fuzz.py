@@ -21,11 +21,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_ft import adapters, chat, data, report, runs
-from lora_ft.config import RECIPES_DIR, RunConfig, load_config
-from lora_ft.errors import UserError
-from lora_ft.files import MANIFEST_NAME as FILENAME
-from lora_ft.manifest import Manifest
+from lora_ft import data
+from lora_ft.core import report
+from lora_ft.core.config import RECIPES_DIR, RunConfig, load_config
+from lora_ft.core.errors import UserError
+from lora_ft.core.files import MANIFEST_NAME as FILENAME
+from lora_ft.core.manifest import Manifest
+from lora_ft.data import chat
+from lora_ft.engine import adapters, runs
 
 # Deterministic (the same examples on every run, nothing saved between runs) and bounded: the file runs in well
 # under a minute on 2 cores.

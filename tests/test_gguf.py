@@ -11,9 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 
-from lora_ft import data, gguf_export, instruct, merge
-from lora_ft.config import load_config
-from lora_ft.errors import UserError
+from lora_ft import data
+from lora_ft.core.config import load_config
+from lora_ft.core.errors import UserError
+from lora_ft.export import gguf_export, merge
+from lora_ft.tasks import instruct
 
 from .conftest import EXACT, GPT2_TOKENIZER, PAIRS, run_cli, write_examples
 
@@ -178,7 +180,7 @@ def test_tokenizer_of_transformers_5s_generic_class_is_saved_for_older_readers(i
     keeps its chat template inside tokenizer_config.json too."""
     import transformers
 
-    from lora_ft import adapters
+    from lora_ft.engine import adapters
 
     own = AutoTokenizer.from_pretrained(instruct_run[0].adapter_dir)
     tokenizer = transformers.TokenizersBackend(tokenizer_object=own.backend_tokenizer, eos_token=own.eos_token)

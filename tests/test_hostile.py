@@ -17,9 +17,13 @@ import httpx2 as httpx
 import pytest
 from transformers import GPT2TokenizerFast
 
-from lora_ft import chat, generation, instruct, sandbox, serve
-from lora_ft.config import ServeLimits
-from lora_ft.errors import UserError
+from lora_ft.core import sandbox
+from lora_ft.core.commands import ServeLimits
+from lora_ft.core.errors import UserError
+from lora_ft.data import chat
+from lora_ft.engine import generation
+from lora_ft.serve import pool
+from lora_ft.tasks import instruct
 
 from .conftest import GPT2_TOKENIZER, run_cli
 from .test_chat import TWO_TURNS, chat_run  # noqa: F401  (a fixture)
@@ -161,7 +165,7 @@ def test_serve_survives_a_looping_template_and_ends_on_sigterm(chat_run, tmp_pat
 def test_a_request_that_fails_inside_a_batch_fails_alone(chat_run, monkeypatch):  # noqa: F811
     """Three prompts batched together, one of which makes the forward pass fail: the batch runs again one request at
     a time, so the two good ones get the answers they get alone and only the poisoned one an error."""
-    registry = serve.load([str(chat_run.adapter_dir)], ServeLimits(batch_wait_ms=300))
+    registry = pool.load([str(chat_run.adapter_dir)], ServeLimits(batch_wait_ms=300))
     real = generation.generate_batch
 
     def failing(model, tokenizer, prompts, *args, **kwargs):

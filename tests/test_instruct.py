@@ -12,8 +12,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lora_ft import cli, data, instruct, models
-from lora_ft.config import load_config
+from lora_ft import cli, data
+from lora_ft.core.config import load_config
+from lora_ft.engine import models
+from lora_ft.tasks import instruct
 
 from .conftest import DATA_DIR, PAIRS, run_cli, tree_sha256
 
@@ -221,7 +223,7 @@ def test_cpu_loss_at_labelled_positions_is_sfttrainers(tiny_gpt2: Path, tmp_path
     same gradients as TRL's own SFTTrainer loss, which scores every position there."""
     from trl import SFTTrainer
 
-    from lora_ft import methods, training
+    from lora_ft.engine import methods, training
 
     from .conftest import write_examples
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_ft import data, gguf_export, merge
+from lora_ft import data
+from lora_ft.export import gguf_export, merge
 
 from .conftest import PAIRS
 

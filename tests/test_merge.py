@@ -15,8 +15,11 @@ from peft.tuners.tuners_utils import BaseTuner
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_ft import adapters, cli, data, instruct, merge, spam
-from lora_ft.errors import UserError
+from lora_ft import cli, data
+from lora_ft.core.errors import UserError
+from lora_ft.engine import adapters
+from lora_ft.export import merge
+from lora_ft.tasks import classify, instruct
 
 from .conftest import PAIRS, make_tiny_gpt2, run_cli, tree_sha256
 
@@ -88,7 +91,7 @@ def test_spam_export_folder_and_manifest(spam_export, spam_run, tiny_gpt2: Path)
 def test_spam_export_logits_match_base_plus_adapter(spam_export, spam_run):
     exported, _ = spam_export
     result, _ = spam_run
-    loaded = spam.load(result.adapter_dir)
+    loaded = classify.load(result.adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(exported.output)
     model = AutoModelForSequenceClassification.from_pretrained(exported.output).eval()
     assert not isinstance(model, PeftModel)
@@ -122,7 +125,7 @@ def test_pipelines_on_exports_need_neither_lora_ft_nor_peft(spam_export, spam_ru
     out = json.loads(done.stdout)
     assert out["imported"] == []
     spam_result, _ = spam_run
-    assert out["labels"] == [p.label for p in spam.predict(spam_result.adapter_dir, TEXTS)]
+    assert out["labels"] == [p.label for p in classify.predict(spam_result.adapter_dir, TEXTS)]
     assert set(out["labels"]) <= {"ham", "spam"}
     instruct_result, _ = instruct_run
     answers = instruct.respond(instruct_result.adapter_dir, [{"instruction": i, "input": x} for i, x, _ in PAIRS])

@@ -13,9 +13,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_ft import adapters, instruct, merge, methods, serve, spam
-from lora_ft.config import load_config
-from lora_ft.errors import UserError
+from lora_ft.core.config import load_config
+from lora_ft.core.errors import UserError
+from lora_ft.engine import adapters, methods
+from lora_ft.export import merge
+from lora_ft.serve import pool
+from lora_ft.tasks import classify, instruct
 
 from .conftest import EXACT, run_cli, write_examples
 
@@ -48,7 +51,7 @@ def _train_spam(tiny_gpt2: Path, data: Path, output: Path, **overrides):
         | EXACT
         | overrides,
     )
-    return spam.train(config)
+    return classify.train(config)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +91,7 @@ def test_full_fine_tuning_saves_the_whole_model(tiny_gpt2: Path, spam_data: Path
     tokenizer = AutoTokenizer.from_pretrained(folder)
     plain = AutoModelForSequenceClassification.from_pretrained(folder)  # plain transformers: no lora_ft, no PEFT
     assert torch.allclose(_logits(plain, tokenizer, TEXTS), _logits(result.model, tokenizer, TEXTS), atol=1e-5)
-    assert [p.label for p in spam.predict(folder, TEXTS)] == [
+    assert [p.label for p in classify.predict(folder, TEXTS)] == [
         manifest.label_names[i] for i in _logits(plain, tokenizer, TEXTS).argmax(-1).tolist()
     ]
     listed = adapters.describe_folder(folder)
@@ -97,7 +100,7 @@ def test_full_fine_tuning_saves_the_whole_model(tiny_gpt2: Path, spam_data: Path
         merge.merge(folder, tmp_path / "merged")
     # served beside a LoRA adapter of the same base: a base of its own, each answering as `predict` does
     lora = spam_run[0].adapter_dir
-    registry = serve.load([str(folder), str(lora)])
+    registry = pool.load([str(folder), str(lora)])
     assert len(registry.bases) == 2
     described = {m["id"]: m for m in registry.models()}
     assert {name: m["method"] for name, m in described.items()} == {folder.name: "full", lora.name: "lora"}
@@ -106,7 +109,7 @@ def test_full_fine_tuning_saves_the_whole_model(tiny_gpt2: Path, spam_data: Path
         done = queue.Queue()
         registry.classify(name, TEXTS, lambda kind, value, done=done: done.put((kind, value)))
         kind, served = done.get(timeout=60)
-        assert kind == "done" and [p.label for p in served] == [p.label for p in spam.predict(path, TEXTS)]
+        assert kind == "done" and [p.label for p in served] == [p.label for p in classify.predict(path, TEXTS)]
 
 
 @pytest.mark.parametrize("method", ["ia3", "full"])

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-from lora_ft import methods, models
-from lora_ft.config import RunConfig
-from lora_ft.errors import UserError
+from lora_ft.core.config import RunConfig
+from lora_ft.core.errors import UserError
+from lora_ft.engine import methods, models
 
 from .conftest import run_cli
 

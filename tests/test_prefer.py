@@ -20,10 +20,14 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_ft import adapters, data, instruct, merge, pairs, prefer
-from lora_ft.config import FALLBACK_RECIPES, fallback_recipe, load_config
-from lora_ft.errors import UserError
-from lora_ft.files import sha256_file
+from lora_ft import data
+from lora_ft.core.config import FALLBACK_RECIPES, fallback_recipe, load_config
+from lora_ft.core.errors import UserError
+from lora_ft.core.files import sha256_file
+from lora_ft.data import pairs
+from lora_ft.engine import adapters
+from lora_ft.export import merge
+from lora_ft.tasks import instruct, prefer
 
 from .conftest import DATA_DIR, PAIRS, run_cli
 

@@ -17,7 +17,7 @@ def test_cli_reference_is_generated_from_the_parser():
     spec = importlib.util.spec_from_file_location("gen_cli", REPO / "docs" / "gen_cli.py")
     gen_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen_cli)
-    from lora_ft.parser import build_parser
+    from lora_ft.cli.parser import build_parser
 
     rendered = gen_cli.render(build_parser())
     assert (REPO / "docs" / "cli.md").read_text(encoding="utf-8") == rendered, "run: python docs/gen_cli.py"

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_ft import catalog, cli, compare
-from lora_ft.config import load_config
-from lora_ft.errors import UserError
-from lora_ft.parser import build_parser
+from lora_ft import cli
+from lora_ft.bench import compare
+from lora_ft.cli.parser import build_parser
+from lora_ft.core import catalog
+from lora_ft.core.config import load_config
+from lora_ft.core.errors import UserError
 
 from .conftest import REPO, run_cli
 
@@ -137,7 +139,7 @@ def test_the_wheel_holds_every_recipe(tmp_path: Path):
     with zipfile.ZipFile(wheel) as archive:
         held = {n: archive.read(n) for n in archive.namelist() if n.startswith("lora_ft/recipes/")}
     assert held == {f"lora_ft/{p.relative_to(catalog.RECIPES_DIR.parent).as_posix()}": p.read_bytes() for p in SHIPPED}
-    assert "lora_ft/catalog.py" in archive.namelist()
+    assert "lora_ft/core/catalog.py" in archive.namelist()
 
 
 def _setuptools_major() -> int:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_ft import adapters, cli
+from lora_ft import cli
+from lora_ft.engine import adapters
+from lora_ft.tasks import classify
 from tests.conftest import tree_sha256
 
 # Each case: (id, files to write into tmp {name: text or bytes}, argv builder, fragments the message must hold).
@@ -311,7 +313,6 @@ def test_second_run_into_an_existing_adapter_leaves_it_byte_identical(
 def test_a_crash_keeps_the_previous_adapter_and_the_checkpoints(
     spam_run, tiny_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lora_ft import spam
 
     existing = tmp_path / "adapter"
     shutil.copytree(spam_run[0].adapter_dir, existing)
@@ -322,7 +323,7 @@ def test_a_crash_keeps_the_previous_adapter_and_the_checkpoints(
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(spam, "predict_logits", crash)  # after training, before anything is written
+    monkeypatch.setattr(classify, "predict_logits", crash)  # after training, before anything is written
     code, _, err = run_main(argv, capsys)
     assert code == 1 and err.startswith("internal error: RuntimeError: disk on fire")
     assert err.strip().endswith(f"resume with: python -m lora_ft spam --resume {existing} --overwrite")
@@ -357,10 +358,8 @@ def test_resume_refuses_a_changed_run(tmp_path: Path, tiny_gpt2: Path, capsys: p
     output = tmp_path / "adapter"
     argv = ["spam", "--model", str(tiny_gpt2), "--data", str(data), "--output", str(output), "--max-steps", "2"]
 
-    from lora_ft import spam
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(spam, "predict_logits", lambda *a, **k: 1 / 0)
+        patch.setattr(classify, "predict_logits", lambda *a, **k: 1 / 0)
         assert run_main(argv, capsys)[0] == 1
     code, _, err = run_main(["spam", "--resume", str(output), "--lr", "0.1"], capsys)
     assert code == 2 and "--lr 0.1 (was 0.0005)" in err

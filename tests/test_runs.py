@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_ft import adapters, callbacks, report
+from lora_ft.core import report
+from lora_ft.engine import adapters, callbacks
+from lora_ft.tasks import classify
 from tests.test_reliability import _adapter_difference, run_main
 
 LAUNCH = [sys.executable, "-m", "lora_ft"]
@@ -43,12 +45,11 @@ def _manifest(folder: Path) -> dict:
 
 
 def _crash_after_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_ft import spam
 
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(spam, "predict_logits", crash)
+    monkeypatch.setattr(classify, "predict_logits", crash)
 
 
 def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -226,7 +227,7 @@ def test_an_output_where_nothing_can_be_written_is_one_line(small_data: Path, ti
 def test_a_full_disk_mid_run_is_one_line_and_keeps_the_checkpoints(
     small_data: Path, tiny_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    from lora_ft import training
+    from lora_ft.engine import training
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "adapter_model.safetensors"))

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from lora_ft import classify, instruct
-from lora_ft.config import load_config
+from lora_ft.core.config import load_config
+from lora_ft.tasks import classify, instruct
 
 from .conftest import DATA_DIR, EXACT, PAIRS, REPO, run_cli, write_examples
 
@@ -367,10 +367,11 @@ def test_64_concurrent_clients_are_batched_and_all_answered_right(served, client
 
 
 def test_bench_serve_compares_batched_with_one_at_a_time(served):
-    from lora_ft import bench_serve, report
+    from lora_ft.bench import serving
+    from lora_ft.core import report
 
     _, paths = served
-    figures = bench_serve.run([str(paths["spam-b"]), str(paths["chat-b"])], quick=True)
+    figures = serving.run([str(paths["spam-b"]), str(paths["chat-b"])], quick=True)
     assert set(figures["adapters"]) == {"spam-b", "chat-b"}
     for row in figures["adapters"].values():
         assert row["same_answers"] == 1.0 and row["batched"]["requests_per_second"] > 0

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_ft import cli, spam
-from lora_ft.config import load_config
+from lora_ft import cli
+from lora_ft.core.config import load_config
+from lora_ft.tasks import classify
 
 from .conftest import run_cli, tree_sha256
 
@@ -144,7 +145,7 @@ def test_predict_cli_matches_library(spam_run, monkeypatch, capsys):
     assert cli.main(["predict", str(result.adapter_dir), TEXTS[0], "--file", "-", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["text"] for line in lines] == TEXTS
-    library = spam.predict(result.adapter_dir, TEXTS)
+    library = classify.predict(result.adapter_dir, TEXTS)
     assert [line["label"] for line in lines] == [p.label for p in library]
     assert all(line["label"] in {"ham", "spam"} and 0.5 <= line["score"] <= 1 for line in lines)
     assert [line["score"] for line in lines] == pytest.approx([p.score for p in library], abs=1e-6)
@@ -158,7 +159,7 @@ def test_same_seed_same_split_and_weights(tiny_gpt2: Path, tmp_path: Path):
         config = load_config(
             "spam", overrides={"model": str(tiny_gpt2), "output": str(tmp_path / name), "max_steps": 8, "seed": seed}
         )
-        result = spam.train(config)
+        result = classify.train(config)
         tensors = load_file(result.adapter_dir / "adapter_model.safetensors")
         return result.manifest, tensors
 
@@ -204,7 +205,7 @@ def test_user_csv_with_own_labels(tiny_gpt2: Path, tmp_path: Path):
     assert len(evaluations) == 4 and all("train loss" in e and "val accuracy" in e for e in evaluations), done.stderr
     assert evaluations[0].startswith("epoch 1.00/4, step 5: ")  # 33 training rows, batches of 8
     assert any(line.startswith("training: 100% 20/20 [") for line in done.stderr.splitlines()), done.stderr
-    labels = {p.label for p in spam.predict(tmp_path / "mail", ["see you sunday", "invoice attached"])}
+    labels = {p.label for p in classify.predict(tmp_path / "mail", ["see you sunday", "invoice attached"])}
     assert labels <= {"family", "work"}
 
 
@@ -217,7 +218,7 @@ def test_eval_refuses_changed_data(tiny_gpt2: Path, tmp_path: Path, capsys):
         "spam",
         overrides={"model": str(tiny_gpt2), "data": str(data_copy), "output": str(tmp_path / "a"), "max_steps": 2},
     )
-    spam.train(config)
+    classify.train(config)
     with open(data_copy, "a") as f:
         f.write("spam\tone more line\n")
     capsys.readouterr()  # what training printed; the assertion is on what `eval` prints

@@ -12,10 +12,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_ft import bench, bench_inference, data, hardware, instruct, merge, models, spam, training
-from lora_ft import report as lora_report
-from lora_ft.config import load_config
-from lora_ft.errors import UserError
+from lora_ft import data
+from lora_ft.bench import inference, speed
+from lora_ft.core import report as lora_report
+from lora_ft.core.config import load_config
+from lora_ft.core.errors import UserError
+from lora_ft.engine import hardware, models, training
+from lora_ft.export import merge
+from lora_ft.tasks import classify, instruct
 
 from .conftest import EXACT, GPT2_TOKENIZER, PAIRS, tree_sha256, write_examples
 
@@ -65,7 +69,7 @@ def _train_mail(tiny_gpt2: Path, folder: Path, recipe: Path | None = None, **ove
     csv_path.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in ROWS))
     values = {"model": str(tiny_gpt2), "data": str(csv_path), "output": str(folder), "epochs": 1.0}
     values |= EXACT | overrides
-    return spam.train(load_config("spam", recipe, overrides=values))
+    return classify.train(load_config("spam", recipe, overrides=values))
 
 
 def _adapter_weights(result: training.TrainResult) -> dict[str, torch.Tensor]:
@@ -90,7 +94,7 @@ def test_bf16_run_is_recorded_and_tokens_are_counted(tiny_gpt2: Path, tmp_path: 
 
     # One epoch sees every training example once: the real tokens counted are exactly theirs.
     tokenizer = AutoTokenizer.from_pretrained(fp32.adapter_dir)
-    _, splits = spam.load_splits(load_config("spam", overrides={"data": fp32.manifest["data"]["path"]}))
+    _, splits = classify.load_splits(load_config("spam", overrides={"data": fp32.manifest["data"]["path"]}))
     real = sum(len(tokenizer(t)["input_ids"]) for t in splits["train"]["text"])
     for result in (fp32, bf16):
         tokens = result.manifest["training"]["tokens"]
@@ -110,7 +114,7 @@ def qlora_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory):
     before = tree_sha256(tiny_gpt2)
     output = tmp_path_factory.mktemp("qlora") / "spam-4bit"
     values = {"model": str(tiny_gpt2), "output": str(output), "max_steps": 60, "quantize": "4bit", **EXACT}
-    return spam.train(load_config("spam", overrides=values)), before
+    return classify.train(load_config("spam", overrides=values)), before
 
 
 def test_qlora_trains_on_a_4bit_base_and_saves_only_the_adapter(qlora_run, tiny_gpt2: Path):
@@ -128,12 +132,12 @@ def test_qlora_trains_on_a_4bit_base_and_saves_only_the_adapter(qlora_run, tiny_
 
 def test_qlora_adapter_is_evaluated_on_its_4bit_base(qlora_run):
     result, _ = qlora_run
-    recomputed, manifest = spam.evaluate(result.adapter_dir)
+    recomputed, manifest = classify.evaluate(result.adapter_dir)
     assert recomputed["accuracy"] == manifest["metrics"]["test"]["accuracy"]
     # bitsandbytes' 4-bit CPU kernels do not give the same bits call after call on every CPU (2e-5 apart on an AMX
     # Xeon, float32 arithmetic): the same labels, a loss within 1e-4
     assert recomputed["loss"] == pytest.approx(manifest["metrics"]["test"]["loss"], abs=1e-4)
-    loaded = spam.load(result.adapter_dir)
+    loaded = classify.load(result.adapter_dir)
     assert isinstance(loaded.model.base_model.model.transformer.h[0].mlp.c_fc.base_layer, bnb.nn.Linear4bit)
 
 
@@ -152,8 +156,8 @@ def test_qlora_adapter_merges_into_the_full_precision_base(qlora_run, tmp_path: 
 
 def test_8bit_spam_and_4bit_instruct(tiny_gpt2: Path, tmp_path: Path):
     values = {"model": str(tiny_gpt2), "output": str(tmp_path / "s8"), "max_steps": 4, "quantize": "8bit"}
-    spam.train(load_config("spam", overrides=values))
-    recomputed, manifest = spam.evaluate(tmp_path / "s8")
+    classify.train(load_config("spam", overrides=values))
+    recomputed, manifest = classify.evaluate(tmp_path / "s8")
     assert manifest["config"]["quantize"] == "8bit"
     assert recomputed["accuracy"] == manifest["metrics"]["test"]["accuracy"]
 
@@ -179,14 +183,14 @@ def test_seconds_per_epoch_fit():
     tokens = [400, 300, 200, 100]
     durations = [0.1 + 0.001 * t for t in tokens]  # 0.1 s per step plus 1 ms per token
     epoch = [50] * 10 + [250] * 10
-    assert bench.seconds_per_epoch(durations, tokens, epoch) == pytest.approx(20 * 0.1 + 0.001 * 3000)
-    assert bench.seconds_per_epoch([2.0, 2.2], [960, 960], [960] * 5) == pytest.approx(10.5)
+    assert speed.seconds_per_epoch(durations, tokens, epoch) == pytest.approx(20 * 0.1 + 0.001 * 3000)
+    assert speed.seconds_per_epoch([2.0, 2.2], [960, 960], [960] * 5) == pytest.approx(10.5)
 
 
 def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
     """The whole benchmark (every setup, each in its own process) on a 2-layer GPT-2, two timed steps each."""
     small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
-    report = bench.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=small)
+    report = speed.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=small)
     lora_ft, naive, full = (report["setups"][name] for name in ("lora_ft", "naive", "full"))
     assert naive["pad_to"] == 120 and naive["padded_tokens_per_epoch"] == 1045 * 120  # the course's width
     assert lora_ft["real_token_share"] > 0.75 > naive["real_token_share"]
@@ -219,11 +223,11 @@ def test_bench_measures_instruct_training(tmp_path: Path):
     small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
     four = write_examples(tmp_path / "four.json")
     lora_ft, naive = [
-        bench.measure(replace(s, warmup_steps=1, timed_steps=2), str(GPT2_TOKENIZER), str(four), 123, small, "instruct")
-        for s in bench.setups(True, "instruct")[:2]
+        speed.measure(replace(s, warmup_steps=1, timed_steps=2), str(GPT2_TOKENIZER), str(four), 123, small, "instruct")
+        for s in speed.setups(True, "instruct")[:2]
     ]
     assert lora_ft["task"] == "instruct" and lora_ft["steps_per_epoch"] == naive["steps_per_epoch"] == 3  # 17 rows
-    tok = bench.load_tokenizer(str(GPT2_TOKENIZER))
+    tok = speed.load_tokenizer(str(GPT2_TOKENIZER))
     longest = max(len(instruct.encode(tok, data.format_prompt(i, x), o + tok.eos_token)[0]) for i, x, o in PAIRS)
     assert naive["pad_to"] == longest and naive["padded_tokens_per_epoch"] == 17 * longest
     assert lora_ft["real_tokens_per_epoch"] == naive["real_tokens_per_epoch"] < naive["padded_tokens_per_epoch"]
@@ -237,17 +241,17 @@ def test_bench_builds_smollm2s_architecture():
     """`bench --model smollm2-135m`: SmolLM2's architecture with random weights (a narrow one here), LoRA on its
     seven projections, the vocabulary the tokenizer's."""
     tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-    setup = replace(bench.setups(True)[0], warmup_steps=1, timed_steps=2)
-    result = bench.measure(
+    setup = replace(speed.setups(True)[0], warmup_steps=1, timed_steps=2)
+    result = speed.measure(
         setup, str(GPT2_TOKENIZER), None, 123, tiny | {"num_key_value_heads": 2}, "spam", "smollm2-135m"
     )
     assert result["bench_model"] == "smollm2-135m" and result["steps_timed"] == 2
     per_layer = 2 * 16 * (64 + 64) + 2 * 16 * (64 + 32) + 16 * (64 + 128) * 3  # q, o; k, v; gate, up, down (r 16)
     assert result["trainable_parameters"] == 2 * per_layer + 64 * 2  # and the 2-label head
-    config = bench.bench_config("smollm2-135m", bench.load_tokenizer(str(GPT2_TOKENIZER)), None)
+    config = speed.bench_config("smollm2-135m", speed.load_tokenizer(str(GPT2_TOKENIZER)), None)
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (576, 30, 50257)
     with pytest.raises(UserError, match="bench builds gpt2, smollm2-135m"):
-        bench.bench_config("llama-7b", bench.load_tokenizer(str(GPT2_TOKENIZER)), None)
+        speed.bench_config("llama-7b", speed.load_tokenizer(str(GPT2_TOKENIZER)), None)
 
 
 def _dropout_rates(model: torch.nn.Module) -> tuple[set[float], set[float]]:
@@ -320,7 +324,7 @@ def test_inference_bench_on_a_small_gpt2():
     """`bench --inference`: lora_ft's batched predict and cached generate against one-at-a-time loops, on the real
     test messages and instructions; both give the same answers."""
     small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
-    report = bench_inference.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=small)
+    report = inference.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=small)
     predict, generate = report["predict"], report["generate"]
     assert predict["texts"] == 64 and predict["same_labels"] == 1.0 and predict["max_logit_difference"] < 1e-4
     assert predict["speedup"] == pytest.approx(predict["texts_per_second"] / predict["naive_texts_per_second"])

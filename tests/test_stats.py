@@ -10,7 +10,8 @@ import pytest
 from scipy import stats as scipy_stats
 from sklearn.metrics import f1_score
 
-from lora_ft import compare, stats
+from lora_ft.bench import compare
+from lora_ft.core import stats
 
 
 def test_wilson_interval_matches_the_formula():

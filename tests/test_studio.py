@@ -18,8 +18,10 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from lora_ft import classify, data, runs
-from lora_ft.errors import UserError
+from lora_ft import data
+from lora_ft.core.errors import UserError
+from lora_ft.engine import runs
+from lora_ft.tasks import classify
 
 from .conftest import DATA_DIR, REPO, tree_sha256
 from .test_serve import Server
