@@ -102,10 +102,18 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora_ft", description="LoRA fine-tuning of GPT-2 with PEFT.")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     for task in registry.TASKS.values():
         _add_train_flags(subcommands.add_parser(task.name, help=task.help), task.name)
+    _add_answering(subcommands)
+    _add_adapter_files(subcommands)
+    _add_the_rest(subcommands)
+    for sub in subcommands.choices.values():
+        _add_common(sub)
+    return parser
 
+
+def _add_answering(subcommands: Any) -> None:
+    """The commands that use an adapter: generate, chat, predict, eval."""
     generate = subcommands.add_parser("generate", help="answer instructions with an instruction-tuned adapter")
     _add_generation_flags(generate)
     generate.add_argument("--instruction", help="the instruction")
@@ -135,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_force(evaluate)
 
+
+def _add_adapter_files(subcommands: Any) -> None:
+    """The commands that read or write adapter folders and recipes: merge, adapters, inspect, recipes."""
     merge = subcommands.add_parser("merge", help="fold an adapter into its base and write a standalone model")
     merge.add_argument("adapter", help="adapter folder")
     _add_options(merge, commands.MergeOptions)
@@ -160,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipes.add_argument("name", nargs="?", help="cp: the recipe, by the name `ls` shows (spam-qlora, compare/...)")
     recipes.add_argument("dest", nargs="?", help="cp: the file to write (or a folder to write it into); never replaced")
 
+
+def _add_the_rest(subcommands: Any) -> None:
+    """compare, serve, studio, bench: their own options (`commands`), and compare's shared training settings."""
     compare = subcommands.add_parser(
         "compare", help="train several methods or ranks on the same data and seed; a table and a Pareto plot"
     )
@@ -175,7 +189,3 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = subcommands.add_parser("bench", help="measure training speed and memory: lora_ft vs naive vs full FT")
     _add_options(bench, commands.BenchOptions)
-
-    for sub in subcommands.choices.values():
-        _add_common(sub)
-    return parser
