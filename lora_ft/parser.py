@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import typing
 from typing import Any
 
@@ -69,8 +70,25 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed)")
     parser.add_argument(
-        "--api-key", help="require `Authorization: Bearer KEY` on /v1/ requests (default: $LORA_FT_API_KEY, if set)"
+        "--api-key",
+        type=_api_key,
+        default=os.environ.get("LORA_FT_API_KEY") or None,
+        help="require `Authorization: Bearer KEY` on /v1/ requests (default: $LORA_FT_API_KEY, if set)",
     )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="without --api-key, also answer requests for this Host name (besides localhost and IP addresses; repeat "
+        "for more; '*': any)",
+    )
+    timeouts = {
+        "--header-timeout": (10, "a request's head"),
+        "--body-timeout": (60, "a request's body, after its head"),
+    }
+    for flag, (seconds, what) in timeouts.items():
+        parser.add_argument(flag, type=_seconds, default=seconds, help=f"seconds {what} may take to arrive ({seconds})")
     limits = {
         "--max-batch-size": (int, "most texts or prompts in one forward pass, and in one request"),
         "--queue-size": (int, "most requests waiting per base; more are answered 503"),
@@ -86,9 +104,29 @@ def _add_studio(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace", default=".", help="folder of the runs, their adapters and data (default: .)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (another than loopback: --api-key)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port, printed)")
-    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LORA_FT_API_KEY, if set)")
+    parser.add_argument(
+        "--api-key",
+        type=_api_key,
+        default=os.environ.get("LORA_FT_API_KEY") or None,
+        help="require `Authorization: Bearer KEY` (default: $LORA_FT_API_KEY, if set)",
+    )
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at the same time (default: 1)")
     parser.add_argument("--max-upload-mb", type=float, default=64.0, help="largest data file an upload may be")
+
+
+def _api_key(key: str) -> str:
+    """A key as an HTTP header carries it: printable ASCII, no space at either end (any other could never match)."""
+    if not (key.isascii() and key.isprintable() and key == key.strip() != ""):
+        said = "is empty" if key == "" else "holds a character other than printable ASCII, or a space at an end"
+        raise argparse.ArgumentTypeError(f"the key (or $LORA_FT_API_KEY) {said}: HTTP headers carry printable ASCII")
+    return key
+
+
+def _seconds(text: str) -> float:
+    seconds = float(text)
+    if not 0 < seconds <= 3600:  # NaN and inf too
+        raise argparse.ArgumentTypeError(f"must be in (0, 3600] seconds, got {text}")
+    return seconds
 
 
 class _Parser(argparse.ArgumentParser):
