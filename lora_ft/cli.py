@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import progress, report, tasks
+from . import parser, progress, report, tasks
 from .config import RunConfig, settings
 from .errors import Interrupted, RunKept, UserError
 from .parser import build_parser
@@ -282,7 +282,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     names = [f.name for f in ServeLimits.__dataclass_fields__.values()]
     limits = ServeLimits(**{name: getattr(args, name) for name in names}).check()
-    api_key = args.api_key  # or $LORA_FT_API_KEY (parser.py)
+    api_key = parser.api_key(args.api_key)  # or $LORA_FT_API_KEY
     sock = server.bind(args.host, args.port)  # before loading: a port in use is said at once
     registry = serve.load(args.adapters, limits)
     host, port = sock.getsockname()[:2]
@@ -300,7 +300,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_studio(args: argparse.Namespace) -> int:
     from . import server, studio_server
 
-    api_key = args.api_key  # or $LORA_FT_API_KEY (parser.py)
+    api_key = parser.api_key(args.api_key)  # or $LORA_FT_API_KEY
     if api_key is None and args.host not in studio_server.LOOPBACK:
         raise UserError(f"`host` {args.host} is reachable from other machines: give `api_key` to listen there")
     sock = server.bind(args.host, args.port)

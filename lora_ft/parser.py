@@ -9,6 +9,7 @@ from typing import Any
 
 from . import tasks
 from .config import BENCH_MODELS, RunConfig, ServeLimits, settings, task_defaults
+from .errors import UserError
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +73,6 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         type=_api_key,
-        default=os.environ.get("LORA_FT_API_KEY") or None,
         help="require `Authorization: Bearer KEY` on /v1/ requests (default: $LORA_FT_API_KEY, if set)",
     )
     parser.add_argument(
@@ -84,11 +84,11 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         "for more; '*': any)",
     )
     timeouts = {
-        "--header-timeout": (10, "a request's head"),
-        "--body-timeout": (60, "a request's body, after its head"),
+        "--header-timeout": (10.0, "seconds a request's head may take to arrive, from the connection's opening"),
+        "--body-timeout": (60.0, "seconds a request's body may take to arrive, after its head"),
     }
-    for flag, (seconds, what) in timeouts.items():
-        parser.add_argument(flag, type=_seconds, default=seconds, help=f"seconds {what} may take to arrive ({seconds})")
+    for flag, (seconds, text) in timeouts.items():
+        parser.add_argument(flag, type=_seconds, default=seconds, metavar="SECONDS", help=text)
     limits = {
         "--max-batch-size": (int, "most texts or prompts in one forward pass, and in one request"),
         "--queue-size": (int, "most requests waiting per base; more are answered 503"),
@@ -107,7 +107,6 @@ def _add_studio(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         type=_api_key,
-        default=os.environ.get("LORA_FT_API_KEY") or None,
         help="require `Authorization: Bearer KEY` (default: $LORA_FT_API_KEY, if set)",
     )
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at the same time (default: 1)")
@@ -118,8 +117,17 @@ def _api_key(key: str) -> str:
     """A key as an HTTP header carries it: printable ASCII, no space at either end (any other could never match)."""
     if not (key.isascii() and key.isprintable() and key == key.strip() != ""):
         said = "is empty" if key == "" else "holds a character other than printable ASCII, or a space at an end"
-        raise argparse.ArgumentTypeError(f"the key (or $LORA_FT_API_KEY) {said}: HTTP headers carry printable ASCII")
+        raise argparse.ArgumentTypeError(f"the key {said}: HTTP headers carry printable ASCII")
     return key
+
+
+def api_key(given: str | None) -> str | None:
+    """--api-key as given (checked as it was parsed), else $LORA_FT_API_KEY (unset or empty: no key), checked too."""
+    found = given if given is not None else os.environ.get("LORA_FT_API_KEY") or None
+    try:
+        return found if given is not None or found is None else _api_key(found)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"$LORA_FT_API_KEY: {e}") from None
 
 
 def _seconds(text: str) -> float:
