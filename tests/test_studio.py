@@ -244,6 +244,13 @@ def test_unknown_runs_and_wrong_actions_are_json_errors(studio, finished_run):
     assert unknown.status_code == 400 and "unknown task 'poetry'" in unknown.text
 
 
+def test_a_foreign_host_is_refused_without_a_key(studio):
+    """DNS rebinding: a page whose name was made to resolve to 127.0.0.1 sends its own name as Host."""
+    refused = studio.client.get("/api/runs", headers={"Host": "evil.example:7860"})
+    assert refused.status_code == 421 and refused.json()["error"]["code"] == "host_not_allowed"
+    assert studio.client.get("/api/runs", headers={"Host": "localhost:7860"}).status_code == 200
+
+
 def test_a_failing_run_shows_its_error_and_the_studio_goes_on(studio, finished_run):
     run_id = studio.client.post("/api/runs", json={"task": "spam", "settings": RUN | {"model": "models/broken"}})
     view = studio.wait_for(run_id.json()["id"], ended)

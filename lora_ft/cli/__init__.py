@@ -285,18 +285,18 @@ def run_serve(args: argparse.Namespace) -> int:
 
     limits = commands.from_flags(commands.ServeLimits, args)
     commands.from_flags(commands.ServeOptions, args)
-    api_key = args.api_key or os.environ.get("LORA_FT_API_KEY") or None
+    api_key = commands.api_key(args.api_key)  # or $LORA_FT_API_KEY
     sock = server.bind(args.host, args.port)  # before loading: a port in use is said at once
     registry = pool.load(args.adapters, limits)
     host, port = sock.getsockname()[:2]
     print("\n".join(report.serving(registry.memory(), len(registry.adapters))), flush=True)
     if api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
         print(f"warning: {host} is reachable from other machines and --api-key is not set", file=sys.stderr)
-    app = server.create_app(registry, api_key)
+    app = server.create_app(registry, api_key, tuple(args.allowed_host or ()))
     sock.listen(server.BACKLOG)  # from here on, connections wait for uvicorn to start rather than being refused
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {len(registry.adapters)} adapters at http://{shown}:{port}/ (API: /v1)", flush=True)
-    server.run(app, sock, "warning" if args.quiet else "info")
+    server.run(app, sock, "warning" if args.quiet else "info", args.header_timeout, args.body_timeout)
     return 0
 
 
@@ -305,7 +305,7 @@ def run_studio(args: argparse.Namespace) -> int:
     from ..studio import app
 
     commands.from_flags(commands.StudioOptions, args)
-    api_key = args.api_key or os.environ.get("LORA_FT_API_KEY") or None
+    api_key = commands.api_key(args.api_key)  # or $LORA_FT_API_KEY
     if api_key is None and args.host not in app.LOOPBACK:
         raise UserError(f"`host` {args.host} is reachable from other machines: give `api_key` to listen there")
     sock = server.bind(args.host, args.port)

@@ -6,17 +6,26 @@ before anything loads, and the library's defaults are these. Here, in core, so t
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass
 from typing import Any
 
 from . import registry
 from .config import BENCH_MODELS, POSITIVE, check_value, setting
+from .errors import UserError
 
 MERGE_DTYPES = ("float32", "float16", "bfloat16")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # gguf_export.QTYPES's keys
 AT_LEAST_ONE = (lambda v: v >= 1, "must be >= 1")
 PORT = (lambda v: 0 <= v <= 65535, "must be in [0, 65535]")  # the socket layer would take it modulo 65536
+SECONDS = (lambda v: 0 < v <= 3600, "must be in (0, 3600] seconds")
+# A key as an HTTP header carries it: any other could never match (the key itself is never shown).
+HEADER_KEY = (
+    lambda v: v.isascii() and v.isprintable() and v == v.strip() != "",
+    "must be printable ASCII, with no space at either end: HTTP headers carry nothing else",
+)
+KEY_HELP = "require `Authorization: Bearer KEY`"
 
 
 @dataclass(frozen=True)
@@ -63,8 +72,17 @@ class ServeOptions:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = setting(8000, "port to listen on (0: any free port, printed)", check=PORT)
     api_key: str | None = setting(
-        None, "require `Authorization: Bearer KEY` on /v1/ requests (default: $LORA_FT_API_KEY, if set)"
+        None, f"{KEY_HELP} on /v1/ requests (default: $LORA_FT_API_KEY, if set)", check=HEADER_KEY, secret=True
     )
+    allowed_host: list[str] | None = setting(
+        None,
+        "without --api-key, also answer requests for these Host names (besides localhost and IP addresses; '*': any)",
+        metavar="NAME",
+    )
+    header_timeout: float = setting(
+        10.0, "seconds a request's head may take to arrive, from the connection's opening", check=SECONDS
+    )
+    body_timeout: float = setting(60.0, "seconds a request's body may take to arrive, after its head", check=SECONDS)
 
 
 @dataclass(frozen=True)
@@ -72,7 +90,9 @@ class StudioOptions:
     workspace: str = setting(".", "folder of the runs, their adapters and data (default: .)")
     host: str = setting("127.0.0.1", "address to listen on (another than loopback: --api-key)")
     port: int = setting(7860, "port to listen on (0: any free port, printed)", check=PORT)
-    api_key: str | None = setting(None, "require `Authorization: Bearer KEY` (default: $LORA_FT_API_KEY, if set)")
+    api_key: str | None = setting(
+        None, f"{KEY_HELP} (default: $LORA_FT_API_KEY, if set)", check=HEADER_KEY, secret=True
+    )
     parallel: int = setting(1, "runs trained at the same time (default: 1)", check=AT_LEAST_ONE)
     max_upload_mb: float = setting(64.0, "largest data file an upload may be", check=POSITIVE)
 
@@ -122,3 +142,13 @@ def check(options: Any) -> Any:
 def from_flags(kind: type, flags: Any) -> Any:
     """A `kind` from the parsed flags (an argparse namespace), checked."""
     return check(kind(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(kind)}))
+
+
+def api_key(given: str | None) -> str | None:
+    """--api-key as given (checked with the flags), else $LORA_FT_API_KEY (unset or empty: no key), checked too."""
+    if given is not None:
+        return given
+    found = os.environ.get("LORA_FT_API_KEY") or None
+    if found is not None and not HEADER_KEY[0](found):
+        raise UserError(f"$LORA_FT_API_KEY {HEADER_KEY[1]}")
+    return found

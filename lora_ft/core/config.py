@@ -69,17 +69,19 @@ def setting(
     internal: bool = False,
     required: bool = False,
     metavar: str | None = None,
+    secret: bool = False,
 ) -> Any:
     """A RunConfig field with everything about it in one place: its default (and where a task's differs, `per_task`),
     the help text of its flag (and a shorter `flag` beside the one named after it), the check a value must pass (a test
     and what it says), its `choices`, the `task` (or tasks) that read it (None: every task), and whether it is
     `internal` (recorded by a run, set by no recipe or flag); for a command's options (`commands`), whether its flag is
-    `required` and its `metavar`. None passes every check: whether a field may be None is its type's business."""
+    `required`, its `metavar`, and whether it is a `secret` (an error never shows its value). None passes every check:
+    whether a field may be None is its type's business."""
     if choices is not None:
         check = (choices.__contains__, f"must be {'null or ' if default is None else ''}one of {', '.join(choices)}")
     tasks_ = (task,) if isinstance(task, str) else task
     meta = {"help": help, "check": check, "choices": choices, "task": tasks_, "flag": flag, "per_task": per_task or {}}
-    meta |= {"internal": internal, "required": required, "metavar": metavar}
+    meta |= {"internal": internal, "required": required, "metavar": metavar, "secret": secret}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -253,7 +255,7 @@ def check_value(source: str, key: str, value: Any, field: dataclasses.Field, hin
         raise UserError(f"{name} must be a finite number under {LARGEST:,}, got {_shown(value)}")
     test, must = field.metadata["check"] or (None, "")
     if value is not None and test is not None and not test(value):
-        raise UserError(f"{name} {must}, got {_shown(value)}")
+        raise UserError(f"{name} {must}" + ("" if field.metadata.get("secret") else f", got {_shown(value)}"))
 
 
 LARGEST = 2**32  # no setting means anything this large (seeds go up to it); inf and nan mean nothing anywhere

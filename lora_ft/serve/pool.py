@@ -3,7 +3,8 @@ the same (same weights, same task's model class, same quantisation) share one co
 each adapter a named PEFT adapter on it, switched per batch (a classifier's head is PEFT's `modules_to_save`, kept
 per adapter). A worker thread per base takes the requests queued for it, a batch at a time: those for one adapter
 that arrive within `batch_wait_ms` of each other run as one forward pass (one `generate` call). The queue is
-bounded. The HTTP side (FastAPI) is server.py; this module knows nothing of HTTP."""
+bounded. The HTTP side (FastAPI) is `server`, the listening socket and its connections' deadlines `sockets`; this module
+knows nothing of HTTP."""
 
 from __future__ import annotations
 
@@ -291,6 +292,8 @@ class Registry:
         self._check_text(request.get("input") or "", "the input", empty=True)
         for number, message in enumerate(request.get("messages") or [], start=1):
             self._check_text(message["content"], f"message {number}", empty=True)
+        if request.get("messages"):  # the conversations `generate --file` and training accept, by their check
+            chat.conversation("messages", request, chat.FORMATS[0], request=True)
         given = {"prompt": request["instruction"]} if request.get("raw") else request
         prompt = chat.render_prompt(adapter.manifest, adapter.checker, given)  # the checker: this is not the worker
         generation.check_sampling(max_tokens, sampling["temperature"], sampling["top_p"])

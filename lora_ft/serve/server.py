@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
+import ipaddress
 import json
 import secrets
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -27,10 +28,12 @@ from starlette.exceptions import HTTPException
 
 from ..core import sandbox
 from ..core.errors import UserError
-from . import pool
+from . import pool, sockets
 
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
 BACKLOG = 2048  # connections the kernel holds before uvicorn accepts them (uvicorn's default)
+KEEP_ALIVE_S = 5  # an idle connection between requests is closed after this (uvicorn's own timer)
+bind = sockets.bind  # the listening socket, bound before the models load
 
 
 def _valid_text(text: str) -> str:
@@ -84,7 +87,7 @@ class _Part(BaseModel):
 
 
 class _Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]  # those of training (developer: system)
     content: StrictStr | list[_Part] | None = None
 
     def text(self) -> str:
@@ -224,6 +227,32 @@ class _QuietShutdown:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await self.app(scope, receive, send)
+
+
+class _HostCheck:
+    """ASGI middleware, when there is no API key: a request whose Host header names another host than localhost (or
+    one given with --allowed-host; "*": any) is refused 421, so that a page whose name was made to resolve to this
+    machine (DNS rebinding) cannot reach it from a browser. An IP address is always allowed: such a page sends its
+    own name."""
+
+    def __init__(self, app: Any, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, {name.lower().rstrip(".") for name in allowed}
+
+    def allows(self, host: str) -> bool:
+        name = (host[1 : host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host).lower()
+        with contextlib.suppress(ValueError):
+            return ipaddress.ip_address(name) is not None
+        name = name.rstrip(".")
+        return name == "localhost" or name.endswith(".localhost") or bool({name, "*"} & self.allowed)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        host = Headers(scope=scope).get("host") if scope["type"] == "http" else None
+        if host is not None and not self.allows(host):
+            why = "without --api-key, only localhost and IP addresses are (add names with --allowed-host)"
+            refused = _error(421, f"Host {host[:100]!r} is not allowed: {why}", code="host_not_allowed")
+            await refused(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _usage(job: pool.Job, generated: int) -> dict[str, int]:
@@ -369,13 +398,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     sandbox.stop()  # renders still running end now: their threads would hold the process's exit for up to their bound
 
 
-def create_app(registry: pool.Registry, api_key: str | None = None) -> FastAPI:
-    """The API under /v1 (behind `api_key` when given), /health, and the page at /."""
+def create_app(registry: pool.Registry, api_key: str | None = None, allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+    """The API under /v1 (behind `api_key` when given), /health, and the page at /. Without a key, only requests for
+    localhost, an IP address or one of `allowed_hosts` ("*": any) are answered (see _HostCheck)."""
     limits = registry.limits
     body_limit = 4 * limits.max_input_chars * limits.max_batch_size + (64 << 10)  # UTF-8 and JSON around the texts
     app = FastAPI(title="lora_ft serve", docs_url=None, redoc_url=None, lifespan=_lifespan)
     app.add_middleware(_BodyLimit, limit=body_limit)
     app.add_middleware(_QuietShutdown)
+    if api_key is None:
+        app.add_middleware(_HostCheck, allowed=allowed_hosts)  # the outermost: before anything else is done
     _install_errors(app)
     dependencies = [Depends(_key_check(api_key))]
     app.include_router(_routes(registry), prefix="/v1", dependencies=dependencies, max_body_size=body_limit)
@@ -397,30 +429,21 @@ def create_app(registry: pool.Registry, api_key: str | None = None) -> FastAPI:
     return app
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to `host`:`port` (0: any free port), before the models load, so that a port in use is said at
-    once and in one line."""
-    if not 0 <= port <= 65535:  # the socket layer would take it modulo 65536, or blame the host
-        raise UserError(f"`port` must be in [0, 65535], got {port}")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        raise UserError(f"`host` {host}: {e.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise UserError(f"`port` {port} on {host} is in use (another server?): pick another one") from None
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
-    return sock
+def _raw_error(status: int, message: str) -> bytes:
+    """A whole HTTP response, the API's JSON error, for the connection's own layer to write before it closes."""
+    body = _error(status, message).body
+    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+    return f"{head}content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
 
 
-def run(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve until SIGINT or SIGTERM (uvicorn's graceful shutdown: open streams get 5 s to finish)."""
+def run(
+    app: FastAPI, sock: socket.socket, log_level: str = "info", header_s: float = 10, body_s: float | None = 60
+) -> None:
+    """Serve until SIGINT or SIGTERM (uvicorn's graceful shutdown: open streams get 5 s to finish), each request's
+    head and body within their deadlines (sockets.connections), an idle connection closed after KEEP_ALIVE_S."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
+    protocol = sockets.connections(header_s, body_s, _raw_error)
+    options = {"timeout_graceful_shutdown": 5, "timeout_keep_alive": KEEP_ALIVE_S, "server_header": False}
+    config = uvicorn.Config(app, http=protocol, log_level=log_level, **options)
     uvicorn.Server(config).run(sockets=[sock])

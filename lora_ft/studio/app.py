@@ -148,6 +148,8 @@ def create_app(
     studio = Studio(workspace, parallel)
     app = FastAPI(title="lora_ft studio", docs_url=None, redoc_url=None)
     app.add_middleware(server._BodyLimit, limit=max_upload_bytes + (64 << 10))
+    if api_key is None:  # a studio without a key listens on loopback only, where a rebinding page would still reach it
+        app.add_middleware(server._HostCheck, allowed=())
     server._install_errors(app)
     app.add_exception_handler(UserError, _user_error)
     guarded = [Depends(server._key_check(api_key))]
