@@ -20,6 +20,7 @@ from transformers import GPT2TokenizerFast
 from lora_ft.core import sandbox
 from lora_ft.core.commands import ServeLimits
 from lora_ft.core.errors import UserError
+from lora_ft.core.files import MANIFEST_NAME
 from lora_ft.data import chat
 from lora_ft.engine import generation
 from lora_ft.serve import pool
@@ -238,3 +239,25 @@ def test_non_finite_or_absurd_numbers_stop_before_anything_loads(args: list[str]
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and args[-2] in done.stderr.replace("'", "--").replace("_", "-")
     assert not (tmp_path / "out").exists()
+
+
+def test_names_are_escaped_and_long_values_cut_in_one_line(tiny_gpt2: Path, tmp_path: Path):
+    # A folder named to forge a row of `adapters` and to colour the terminal, with a manifest that cannot be read.
+    forged = tmp_path / "real\nforged-row adapter\x1b[31m"
+    forged.mkdir()
+    (forged / MANIFEST_NAME).write_text("{not json")
+    done = run_cli("adapters", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("path") and lines[2].startswith("unreadable: ")  # header, row, why
+    assert "\x1b" not in done.stdout and "real\\nforged-row adapter\\x1b[31m" in lines[1]
+    # A value pasted 100 KB long is echoed cut to one line that still says what failed and what to do.
+    for args in (["spam", "--lr", "x" * 100_000], ["spam", "--nothing", "y\n" * 50_000]):
+        done = run_cli(*args)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and len(done.stderr) < 1100, done.stderr
+        assert done.stderr.startswith("error: ") and "characters cut" in done.stderr
+        assert done.stderr.rstrip().endswith("--help)")
+    data, output = str(tmp_path / ("z" * 100_000)), str(tmp_path / "out")
+    done = run_cli("spam", "--model", str(tiny_gpt2), "--data", data, "--output", output)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and len(done.stderr) < 1100, done.stderr
+    assert done.stderr.startswith("error: ") and "characters cut" in done.stderr and not (tmp_path / "out").exists()

@@ -425,7 +425,7 @@ def _stopped(args: argparse.Namespace, error: BaseException, kept: Path | None =
     else:
         raise error  # SystemExit and the like
     if shown:
-        print(line, file=sys.stderr)
+        print(report.one_line(line), file=sys.stderr)
         if kept is not None:
             _how_to_resume(args, kept)
     return code

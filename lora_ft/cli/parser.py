@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from ..core import commands, registry
+from ..core import commands, registry, report
 from ..core.config import RunConfig, settings, task_defaults
 
 
@@ -96,7 +96,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors on one line, exit code 2, like every other bad input."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, report.one_line(f"error: {message} (see {self.prog} --help)") + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

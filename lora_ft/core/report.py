@@ -28,6 +28,25 @@ class Listed:
     state: str | None = None  # a training run's: "PID N" when running, else the step it can resume from, if any
 
 
+ONE_LINE_LIMIT = 1000  # characters of an error line; a value pasted 100 KB long is cut in its middle
+
+
+def shown(text: str) -> str:
+    """`text` safe on a terminal line: a character that is not printable (a newline that would forge a table row,
+    the ESC of an ANSI or OSC sequence that the terminal would obey) is written as its Python escape, `\\n`, `\\x1b`."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def one_line(text: str, limit: int = ONE_LINE_LIMIT) -> str:
+    """An error as one line of at most about `limit` characters: escaped as `shown` does, and, if longer, cut in the
+    middle, keeping its start (what failed) and its end (what to do), with how much was cut."""
+    line = shown(text)
+    if len(line) <= limit:
+        return line
+    head, tail = line[: limit - limit // 5], line[-(limit // 5) :]
+    return f"{head} [... {len(line) - len(head) - len(tail)} characters cut ...] {tail}"
+
+
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "loss")
 
 
@@ -187,24 +206,25 @@ def listing(found: list[Listed]) -> list[str]:
         created = (listed.created or "-").replace("T", " ")[:16]
         base, task, method = listed.base or "?", listed.task or "?", listed.method or "-"
         cells = (metric, interval(listed.interval), size(listed.size_bytes))
-        rows.append((listed.path, listed.kind, task, method, base, created, *cells))
+        rows.append(tuple(map(shown, (listed.path, listed.kind, task, method, base, created, *cells))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    notes = []
     for listed in found:
         if listed.problem:
-            lines.append(f"unreadable: {listed.problem}")
+            notes.append(f"unreadable: {listed.problem}")
         elif listed.kind == "running":
-            lines.append(f"running: {listed.path} ({listed.state})")
+            notes.append(f"running: {listed.path} ({listed.state})")
         elif listed.kind == "interrupted":
             resume = f"python -m lora_ft {listed.task} --resume {listed.path}"
             where = f"can continue from {listed.state}" if listed.state else "stopped before its first checkpoint"
-            lines.append(f"interrupted: {listed.path} {where}; {'resume' if listed.state else 'start again'}: {resume}")
-    return lines
+            notes.append(f"interrupted: {listed.path} {where}; {'resume' if listed.state else 'start again'}: {resume}")
+    return lines + [shown(note) for note in notes]
 
 
 def recipes(found: list[Recipe]) -> list[str]:
     """`recipes`: a table of the shipped recipes (name, task, description), then how to use one."""
-    rows = [("name", "task", "description"), *((r.name, r.task, r.description) for r in found)]
+    rows = [("name", "task", "description"), *((shown(r.name), shown(r.task), shown(r.description)) for r in found)]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     lines = [f"{name.ljust(widths[0])}  {task.ljust(widths[1])}  {text}".rstrip() for name, task, text in rows]
     return [*lines, "train one: python -m lora_ft TASK --config NAME; edit one: python -m lora_ft recipes cp NAME DEST"]
@@ -219,7 +239,8 @@ def inspection(listed: Listed, manifest: dict[str, Any]) -> list[str]:
     if listed.value is not None:
         lines.append(f"test {listed.metric}: {listed.value:.4f}")
     lines += [*readable(manifest), "files:"]
-    return lines + [f"  {f.name}  {size(f.stat().st_size)}" for f in sorted(folder.iterdir()) if f.is_file()]
+    lines += [f"  {f.name}  {size(f.stat().st_size)}" for f in sorted(folder.iterdir()) if f.is_file()]
+    return [shown(line) for line in lines]  # a manifest edited by hand, a file named by anyone
 
 
 def serving(memory: dict[str, Any], count: int) -> list[str]:
