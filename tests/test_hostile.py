@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -261,3 +264,16 @@ def test_names_are_escaped_and_long_values_cut_in_one_line(tiny_gpt2: Path, tmp_
     done = run_cli("spam", "--model", str(tiny_gpt2), "--data", data, "--output", output)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and len(done.stderr) < 1100, done.stderr
     assert done.stderr.startswith("error: ") and "characters cut" in done.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])  # how Python decodes stdin (the C locale's, others')
+def test_binary_standard_input_is_refused_in_one_line(chat_run, errors: str):  # noqa: F811
+    folder = chat_run.adapter_dir
+    env = {**os.environ, "PYTHONIOENCODING": f"utf-8:{errors}"}
+    for args in (["chat", str(folder)], ["generate", str(folder), "--file", "-"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "lora_ft", *args], input=b"hello\n\xff\xfe\x00binary\n", capture_output=True, env=env
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.decode().splitlines()[-1].startswith("error: <stdin>")
+        assert done.stderr.decode().splitlines()[-1].endswith(": not UTF-8 text (binary input?)")

@@ -160,6 +160,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
+    from .. import data
     from ..data import chat
     from ..engine import generation
     from ..tasks import task_code
@@ -168,15 +169,9 @@ def run_chat(args: argparse.Namespace) -> int:
     loaded = task_code.generator().load(args.adapter, force=args.force)
     set_seed(args.seed)
     limit = sampling.pop("max_new_tokens") or (loaded.manifest.generation or {})["max_new_tokens"]
-    interactive = sys.stdin.isatty()
+    ask = "instruction> " if sys.stdin.isatty() else ""
     history: list[dict[str, str]] = []  # a chat-trained adapter sees the conversation; others, the last line
-    while True:
-        try:
-            line = input("instruction> " if interactive else "")
-        except EOFError:
-            break
-        if not line.strip():
-            break
+    for line in data.typed_lines(lambda: input(ask)):
         history.append({"role": "user", "content": line})
         prompt = chat.render_prompt(loaded.manifest, loaded.tokenizer, {"messages": history})
         (answer,) = generation.generate(loaded.model, loaded.tokenizer, [prompt], limit, **sampling)

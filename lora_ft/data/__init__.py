@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def read_input(spec: str, stdin_name: str = "<stdin>") -> tuple[Path, str]:
     """A file of inputs to answer (`predict --file`, `generate --file`), or standard input for "-": its name (a
     suffix tells the format) and its text."""
     if spec == "-":
-        text = sys.stdin.read(MAX_INPUT_BYTES + 1)
+        text = _utf8(lambda: sys.stdin.read(MAX_INPUT_BYTES + 1), stdin_name)
         if len(text) > MAX_INPUT_BYTES:
             raise UserError(f"{stdin_name}: more than the {MAX_INPUT_BYTES / GB:.2g} GB a file of inputs may be")
         return Path(stdin_name), text
@@ -90,6 +91,28 @@ def read_input(spec: str, stdin_name: str = "<stdin>") -> tuple[Path, str]:
         raise UserError(f"{spec}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{spec}: cannot read ({e})") from None
+
+
+def typed_lines(read: Callable[[], str]) -> Iterator[str]:
+    """The lines a person types (`chat`: `read` is `input` with its prompt), up to an empty line or the end of input;
+    bytes that are not UTF-8 (a binary file piped in) stop it with a one-line error."""
+    try:
+        while (line := _utf8(read, "<stdin>")).strip():
+            yield line
+    except EOFError:
+        return
+
+
+def _utf8(read: Callable[[], str], name: str) -> str:
+    """What `read` returns from standard input, refused in one line unless UTF-8. Python decodes stdin strictly
+    (UnicodeDecodeError) or, in the C and POSIX locales, with surrogateescape: the bytes come back as lone surrogates
+    that would fail later, in the tokenizer or in JSON."""
+    try:
+        text = read()
+        text.encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise UserError(f"{name}: not UTF-8 text (binary input?)") from None
+    return text
 
 
 # --- labelled text (classification) -------------------------------------------------------------------
