@@ -26,6 +26,7 @@ log = logging.getLogger("lora_ft")
 
 RECIPES = "recipes"  # OUTPUT/recipes/<run>.yaml: what each run was asked to be (copy one to train it alone)
 RESULTS = "results"  # OUTPUT/results.md, .json, .png
+TAKEN = {RECIPES, *(f"{RESULTS}.{suffix}" for suffix in ("md", "json", "png"))}  # no run may be named so
 
 
 @dataclass
@@ -105,11 +106,23 @@ def _read_runs(path: Path, task: str) -> list[dict[str, Any]]:
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise UserError(f"{path}: a runs file is a YAML list of recipe mappings, one per run")
     for number, entry in enumerate(entries, 1):
-        name = entry.get("name")
-        if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
-            raise UserError(f"{path}: run {number}: 'name' must be a folder name, got {name!r}")
-        validate({k: v for k, v in entry.items() if k != "name"}, f"{path}: run {number}", task)
+        where = f"{path}: run {number}"
+        _check_name(entry.get("name"), where)
+        if entry.pop("task", task) != task:  # checked now: the run itself would be refused only when it starts
+            raise UserError(f"{where}: 'task' must be {task}, what this compares, or left out")
+        validate({k: v for k, v in entry.items() if k != "name"}, where, task)
     return entries
+
+
+def _check_name(name: Any, where: str) -> None:
+    """A run's name is its folder under OUTPUT and a row of the table: one printable folder name that is not
+    compare's own (recipes/, results.*)."""
+    if name is None:
+        return
+    if not isinstance(name, str) or not name or not name.isprintable() or "/" in name or name.startswith("."):
+        raise UserError(f"{where}: 'name' must be a folder name, got {name!r}")
+    if name in TAKEN:
+        raise UserError(f"{where}: 'name' {name!r} is compare's own ({', '.join(sorted(TAKEN))}): choose another")
 
 
 def _name(settings: dict[str, Any]) -> str:
