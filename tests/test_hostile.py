@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -277,3 +278,18 @@ def test_binary_standard_input_is_refused_in_one_line(chat_run, errors: str):  #
         assert done.returncode == 2, done.stderr
         assert done.stderr.decode().splitlines()[-1].startswith("error: <stdin>")
         assert done.stderr.decode().splitlines()[-1].endswith(": not UTF-8 text (binary input?)")
+
+
+def test_a_test_example_over_max_length_is_refused_before_training(tiny_gpt2: Path, tmp_path: Path):
+    # Every other conversation is 600 words; with seed 2 the test split holds one (train and val just drop theirs).
+    turns = [("word " * 600 if i % 2 == 0 else f"question {i}", f"answer {i}") for i in range(40)]
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in turns]
+    (tmp_path / "chat.json").write_text(json.dumps(rows))
+    settings = ["--model", str(tiny_gpt2), "--max-length", "256", "--max-steps", "2", "--seed", "2"]
+    done = run_cli("instruct", *settings, "--data", str(tmp_path / "chat.json"), "--output", str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"error: .*chat\.json: item \d+ is in the test split and is \d+ tokens, over --max-length 256: .*", last
+    )
+    assert "training" not in done.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]

@@ -87,6 +87,20 @@ def _within_length(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
     return split.select(keep), len(split) - len(keep)
 
 
+def _check_test_fits(test: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, path: Path) -> None:
+    """Refuse, before the first step, a test example longer than `max_length`, naming it. Train and val leave such
+    examples out, but the test split is what the adapter is scored on and must stay as the seed made it; found
+    only when scoring, after training, it failed every `--resume` the same way."""
+    for row, pair in zip(test, examples(test, tokenizer), strict=True):
+        tokens = len(_encoded(tokenizer, pair)[0])
+        if tokens > max_length:
+            shown = row.get("record") or f"{path}: the test example {(row.get('instruction') or row['prompt'])[:40]!r}"
+            raise UserError(
+                f"{shown} is in the test split and is {tokens} tokens, over `max_length` {max_length}: "
+                "shorten it, or raise `max_length`"
+            )
+
+
 def bench_data(
     train: Dataset, tokenizer: PreTrainedTokenizerBase, config: RunConfig, pad_to_longest: bool
 ) -> tuple[Dataset, DataCollatorForSeq2Seq]:
@@ -262,6 +276,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
     if len(train_pairs) == 0 or len(val_pairs) == 0:
         split = "training" if len(train_pairs) == 0 else "val"
         raise UserError(f"{run.data_path}: no {split} example fits in `max_length` {config.max_length} tokens")
+    _check_test_fits(test, tokenizer, config.max_length, run.data_path)
 
     with training.run_folder(run, overwrite, resume) as tmp:
         checkpoints = tmp / runs.CHECKPOINTS
