@@ -238,7 +238,7 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_checkpoints(
     code, _, err = run_main([*argv, "--quiet"], capsys)
     assert code == 2
     assert err.splitlines() == [
-        f"error: {tmp_path}/adapter_model.safetensors: No space left on device",
+        f"error: {output}: No space left on device",
         f"checkpoints kept in {tmp_path}/.adapter.partial",
         f"resume with: python -m lora_ft spam --resume {output}",
     ]

@@ -216,10 +216,35 @@ def check_output_free(output: Path, overwrite: bool = False, keep: dict[str, Pat
             )
 
 
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk or quota, a file over `ulimit -f`
+
+
+def no_room(error: BaseException) -> str | None:
+    """Why `error` is a write that found no room (the OS's words), or None when it is something else. safetensors'
+    writer, in Rust, raises a SafetensorError that names the OS error only in its text (`... (os error 27)`), and
+    numpy's `tofile` (the GGUF writer's) an OSError with no errno at all for a write cut short."""
+    short = re.fullmatch(r"\d+ requested and \d+ written", str(error))
+    if isinstance(error, OSError) and error.errno is None and short:
+        return "a write was cut short (no space left on the device, or a file over the size limit)"
+    if isinstance(error, OSError):
+        return error.strerror if error.errno in NO_ROOM else None
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return os.strerror(int(found[1])) if found and int(found[1]) in NO_ROOM else None
+
+
+def without_room(output: Path, error: BaseException) -> BaseException:
+    """`error` as one line naming `output` if it is a write that found no room (`no_room`), else `error` itself."""
+    reason = no_room(error)
+    if reason is None:
+        return error
+    return UserError(f"{output}: {reason}" + ("; the one there is kept" if output.exists() else ""))
+
+
 @contextlib.contextmanager
 def staged(output: Path, overwrite: bool = False, keep: dict[str, Path] | None = None) -> Iterator[Path]:
     """Yield a temp folder beside `output` (checked by `check_output_free`); on success it replaces `output` in one
-    rename, on any error it is removed and `output` (if it existed) is left as it was."""
+    rename, on any error it is removed and `output` (if it existed) is left as it was. A write that finds no room
+    is one line naming `output`."""
     check_output_free(output, overwrite, keep)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{int(time.time())}"
@@ -227,6 +252,11 @@ def staged(output: Path, overwrite: bool = False, keep: dict[str, Path] | None =
     try:
         yield tmp
         replace_folder(output, tmp)
+    except Exception as e:
+        error = without_room(output, e)
+        if error is e:
+            raise
+        raise error from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -23,6 +23,7 @@ from ..core.files import (
     read_bytes,
     replace_folder,
     sha256_file,
+    without_room,
     write_json_atomically,
 )
 
@@ -211,11 +212,14 @@ def training_folder(
             (output / LOCK).unlink(missing_ok=True)  # only now: until the rename, the lock says the run is live
         _wait_for_everyone(processes)  # so that every process returns with `output` in place
     except BaseException as e:
+        error = without_room(output, e)  # a full disk: one line naming the output, not an internal error
         if newest_checkpoint(tmp) is not None:
-            raise RunKept(tmp, e) from e
+            raise RunKept(tmp, error) from e
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if error is e:
+            raise
+        raise error from e
     finally:
         if lock is not None:
             os.close(lock)
