@@ -179,6 +179,25 @@ def test_label_mask_is_the_assistant_turns_token_by_token(tokenizer: GPT2Tokeniz
     assert theirs["assistant_masks"] == [int(label != -100) for label in labels]
 
 
+def test_a_long_conversation_is_masked_as_transformers_masks_it(tokenizer: GPT2TokenizerFast, monkeypatch):
+    """1,000 turns: their 1,000 prefixes render in groups under the sandbox's bound (in one call they went over it and
+    the conversation was refused), and the mask is still transformers' own. Over `max_length`, a conversation is
+    rendered once and gets no targets (it is left out or refused by its length): its prefixes are never rendered."""
+    turns = [(f"question {i} about things", f"answer {i}, said plainly") for i in range(500)]
+    messages = [{"role": r, "content": c} for q, a in turns for r, c in (("user", q), (ASSISTANT, a))]
+    calls = []
+    real = chat.sandbox.render
+    monkeypatch.setattr(chat.sandbox, "render", lambda t, asked, k: calls.append(len(asked)) or real(t, asked, k))
+    ids, labels = chat.encode(tokenizer, messages)
+    assert len(calls) > 2 and sum(calls) == 1 + 2 * 500  # the whole, then each answer's two prefixes, in groups
+    answer = "{{- message['content'] + eos_token }}"
+    marked = chat.DEFAULT_TEMPLATE.replace(answer, "{% generation %}" + answer + "{% endgeneration %}")
+    theirs = tokenizer.apply_chat_template(messages, chat_template=marked, return_assistant_tokens_mask=True)
+    assert theirs["input_ids"] == ids and theirs["assistant_masks"] == [int(label != -100) for label in labels]
+    calls.clear()
+    assert chat.encode(tokenizer, messages, max_length=len(ids) - 1) == (ids, [-100] * len(ids)) and calls == [1]
+
+
 def test_a_template_whose_answers_do_not_end_at_eos_is_refused(tokenizer: GPT2TokenizerFast):
     chatml = copy.deepcopy(tokenizer)
     chatml.chat_template = (

@@ -166,7 +166,8 @@ def use_template(tokenizer: Any) -> dict[str, str]:
     template, source = (own, "tokenizer") if own else (DEFAULT_TEMPLATE, "lora_ft default")
     tokenizer.chat_template = template
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    text, ((start, end),) = _assistant_spans(tokenizer, probe, "the chat template")
+    text = render(tokenizer, probe, where="the chat template")
+    ((start, end),) = _assistant_spans(tokenizer, probe, text, "the chat template")
     if tokenizer.eos_token not in text[start:end]:
         raise UserError(
             f"the {source} chat template does not end an assistant turn with the EOS token {tokenizer.eos_token!r}: "
@@ -195,42 +196,60 @@ def render_all(tokenizer: Any, conversations: list[tuple[list[dict[str, str]], b
         raise UserError(f"{where or 'the conversation'}: {e}") from None
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation rendered, and each assistant turn's characters in it: from the end of the turns before it
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str, where: str) -> list[tuple[int, int]]:
+    """Each assistant turn's characters in `text` (the conversation rendered): from the end of the turns before it
     rendered with the generation prompt to the end of the turns up to it, so a turn's end-of-turn/EOS token is in its
-    span. That asks of a template only that earlier turns render the same once later ones follow, which is checked."""
+    span. That asks of a template only that earlier turns render the same once later ones follow, which is checked.
+    The prefixes go to the sandbox in groups that each render at most about half its bound (a long conversation's
+    prefixes add up to far more than the conversation: n turns, n prefixes)."""
     turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    asked = [(messages, False)] + [c for i in turns for c in ((messages[:i], True), (messages[: i + 1], False))]
-    text, *prefixes = render_all(tokenizer, asked, where)  # one call to the sandbox for the whole conversation
+    asked = [c for i in turns for c in ((messages[:i], True), (messages[: i + 1], False))]
+    group = max(2, 2 * (sandbox.MAX_CHARS // 2 // max(1, 2 * len(text))))  # whole (before, through) pairs
+    prefixes = [
+        p for start in range(0, len(asked), group) for p in render_all(tokenizer, asked[start : start + group], where)
+    ]
     spans = []
     for before, through in zip(prefixes[::2], prefixes[1::2], strict=True):
         if not (through.startswith(before) and text.startswith(through)):
             raise UserError(f"{where}: the chat template renders earlier turns differently once later ones follow")
         spans.append((len(before), len(through)))
-    return text, spans
+    return spans
 
 
-def encode(tokenizer: Any, messages: list[dict[str, str]], where: str = "") -> tuple[list[int], list[int]]:
+def encode(
+    tokenizer: Any, messages: list[dict[str, str]], where: str = "", max_length: int | None = None
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a conversation: a token overlapping an assistant turn is a target (the rule of
     transformers' `return_assistant_tokens_mask`), every other token -100. Not TRL's `assistant_only_loss`: it needs
     `{% generation %}` markers in the template, which SmolLM2's (and most models') lacks and TRL 1.16 adds only to
     templates it knows (it refuses SmolLM2's); and the val and test losses must use the very mask training used.
-    Tokenized as `generate` tokenizes a prompt, so that the prompt's tokens at training and at serving are the same."""
-    text, spans = _assistant_spans(tokenizer, messages, where)
+    Tokenized as `generate` tokenizes a prompt, so that the prompt's tokens at training and at serving are the same.
+    A conversation over `max_length` tokens gets no targets: it is left out of training and refused as a test example
+    by its length alone, and finding its turns would cost a render per turn for nothing."""
+    text = render(tokenizer, messages, where=where)
     encoding = tokenizer(text, return_offsets_mapping=True)
-    labels = [
-        token if any(start < span_end and span_start < end for span_start, span_end in spans) else -100
-        for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
-    ]
-    return encoding["input_ids"], labels
+    ids = encoding["input_ids"]
+    if max_length is not None and len(ids) > max_length:
+        return ids, [-100] * len(ids)
+    return ids, _targets(ids, encoding["offset_mapping"], _assistant_spans(tokenizer, messages, text, where))
 
 
-def encoded(split: Dataset, tokenizer: Any) -> Dataset:
+def _targets(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token that overlaps a span (spans in order, apart), else -100: one sweep over tokens and spans together."""
+    labels, span = [], 0
+    for token, (start, end) in zip(ids, offsets, strict=True):
+        while span < len(spans) and spans[span][1] <= start:
+            span += 1
+        inside = span < len(spans) and spans[span][0] < end
+        labels.append(token if inside else -100)
+    return labels
+
+
+def encoded(split: Dataset, tokenizer: Any, max_length: int | None = None) -> Dataset:
     """Conversations as SFTTrainer takes them already tokenized: input_ids, and labels on assistant turns only
-    (TRL uses both as they are)."""
-    rows = [
-        encode(tokenizer, messages, where) for messages, where in zip(split["messages"], split["record"], strict=True)
-    ]
+    (TRL uses both as they are); those over `max_length` tokens without labels (see `encode`)."""
+    pairs = zip(split["messages"], split["record"], strict=True)
+    rows = [encode(tokenizer, messages, where, max_length) for messages, where in pairs]
     return Dataset.from_dict({"input_ids": [ids for ids, _ in rows], "labels": [labels for _, labels in rows]})
 
 

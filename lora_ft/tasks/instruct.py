@@ -58,10 +58,13 @@ def prompt_completion(split: Dataset, eos_token: str) -> Dataset:
     return Dataset.from_dict({"prompt": split["prompt"], "completion": [o + eos_token for o in split["output"]]})
 
 
-def examples(split: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+def examples(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> Dataset:
     """What SFTTrainer and `response_loss` take: prompt-completion pairs of instructions, or conversations already
-    tokenized with labels on their assistant turns only (`chat.encoded`)."""
-    return chat.encoded(split, tokenizer) if chat.is_chat(split) else prompt_completion(split, tokenizer.eos_token)
+    tokenized with labels on their assistant turns only (`chat.encoded`: none for those over `max_length`, which the
+    caller leaves out or refuses)."""
+    if chat.is_chat(split):
+        return chat.encoded(split, tokenizer, max_length)
+    return prompt_completion(split, tokenizer.eos_token)
 
 
 def _encoded(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -91,7 +94,7 @@ def _check_test_fits(test: Dataset, tokenizer: PreTrainedTokenizerBase, max_leng
     """Refuse, before the first step, a test example longer than `max_length`, naming it. Train and val leave such
     examples out, but the test split is what the adapter is scored on and must stay as the seed made it; found
     only when scoring, after training, it failed every `--resume` the same way."""
-    for row, pair in zip(test, examples(test, tokenizer), strict=True):
+    for row, pair in zip(test, examples(test, tokenizer, max_length), strict=True):
         tokens = len(_encoded(tokenizer, pair)[0])
         if tokens > max_length:
             shown = row.get("record") or f"{path}: the test example {(row.get('instruction') or row['prompt'])[:40]!r}"
@@ -107,7 +110,7 @@ def bench_data(
     """`bench`'s rows: the training examples that fit in `max_length`, tokenized with the prompt masked as SFTTrainer
     masks it (`encode`); the collator pads inputs with the pad token and labels with -100, per batch or every row to
     the longest training example."""
-    kept, _ = _within_length(examples(train, tokenizer), tokenizer, config.max_length)
+    kept, _ = _within_length(examples(train, tokenizer, config.max_length), tokenizer, config.max_length)
     rows = [_encoded(tokenizer, row) for row in kept]
     dataset = Dataset.from_dict({"input_ids": [ids for ids, _ in rows], "labels": [labels for _, labels in rows]})
     longest = max(len(ids) for ids, _ in rows) if pad_to_longest else None
@@ -268,7 +271,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
     config, tokenizer = run.config, run.tokenizer
     splits, template = chat.prepare(run.splits, tokenizer)  # conversations: the tokenizer gets its chat template
     test = splits["test"].select(range(min(config.test_limit or len(splits["test"]), len(splits["test"]))))
-    pairs = {split: examples(splits[split], tokenizer) for split in ("train", "val")}
+    pairs = {split: examples(splits[split], tokenizer, config.max_length) for split in ("train", "val")}
     (train_pairs, dropped_train), (val_pairs, dropped_val) = (
         _within_length(pairs[split], tokenizer, config.max_length) for split in ("train", "val")
     )
