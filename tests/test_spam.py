@@ -154,6 +154,36 @@ def test_predict_cli_matches_library(spam_run, monkeypatch, capsys):
     assert capsys.readouterr().out.split("\t")[2].strip() == "see you at 5"
 
 
+def test_predict_streams_its_input_in_chunks(spam_run, tmp_path: Path):
+    """Labels come out before standard input ends (a chunk at a time: memory bounded, first lines within seconds),
+    each as labelled in other batches; a line that is not UTF-8 is named."""
+    adapter = str(spam_run[0].adapter_dir)
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(classify.CHUNK + 200)]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "lora_ft", "predict", adapter, "--file", "-", "--json", "--quiet"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child.stdin.write("".join(f"{t}\n" for t in texts[: classify.CHUNK]))
+    child.stdin.flush()
+    first = json.loads(child.stdout.readline())  # standard input is still open: only a whole chunk was read
+    child.stdin.write("".join(f"{t}\n" for t in texts[classify.CHUNK :]))
+    child.stdin.close()
+    rows = [first, *map(json.loads, child.stdout)]
+    assert child.wait() == 0 and [row["text"] for row in rows] == texts
+    apart = classify.predict(adapter, texts[:40])  # in other batches than the stream's (it sorts each chunk)
+    assert [row["label"] for row in rows[:40]] == [p.label for p in apart]
+    assert [row["score"] for row in rows[:40]] == pytest.approx([p.score for p in apart], abs=1e-5)
+
+    (tmp_path / "texts.txt").write_bytes(b"see you at 5\n\xff\xfe binary\n")
+    done = run_cli("predict", adapter, "--file", str(tmp_path / "texts.txt"), "--quiet")
+    assert (
+        done.returncode == 2
+        and done.stderr == f"error: {tmp_path / 'texts.txt'}: line 2 is not UTF-8 text (binary input?)\n"
+    )
+
+
 def test_same_seed_same_split_and_weights(tiny_gpt2: Path, tmp_path: Path):
     def run(seed: int, name: str):
         config = load_config(

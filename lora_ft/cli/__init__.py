@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import re
 import signal
 import sys
 import traceback
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,32 +68,33 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_texts(args: argparse.Namespace) -> list[str]:
+def _read_texts(args: argparse.Namespace) -> Iterable[str]:
+    """The arguments, then --file's non-blank lines, read as `predict` needs them (it streams)."""
     from .. import data
-    from ..core import files
 
-    texts = list(args.texts)
+    texts: Iterator[str] = iter(args.texts)
     if args.file:
-        texts += [line for line in files.lines(data.read_input(args.file)[1]) if line.strip()]
-    if not texts:
+        texts = itertools.chain(texts, (line for line in data.input_lines(args.file) if line.strip()))
+    first = next(texts, None)
+    if first is None:
         raise UserError("nothing to classify: give TEXT arguments, --file F, or --file - for standard input")
-    return texts
+    return itertools.chain([first], texts) if args.file else [first, *texts]
 
 
 def run_predict(args: argparse.Namespace) -> int:
     from ..tasks import task_code
 
-    predictions = task_code.classifier().predict(args.adapter, _read_texts(args), force=args.force)
-    for p in predictions:
+    count = truncated = 0
+    for p in task_code.classifier().predict_stream(args.adapter, _read_texts(args), force=args.force):
+        count, truncated = count + 1, truncated + p.truncated
         if args.json:
             record = {"text": p.text, "label": p.label, "score": round(p.score, 6), "truncated": p.truncated}
             print(json.dumps(record, ensure_ascii=False))
         else:
             print(f"{p.label}\t{p.score:.4f}\t{p.text}")
-    truncated = sum(p.truncated for p in predictions)
     if truncated:
         print(
-            f"note: {truncated} of {len(predictions)} texts are longer than the adapter's max_length tokens and "
+            f"note: {truncated} of {count} texts are longer than the adapter's max_length tokens and "
             "were labelled from their beginning",
             file=sys.stderr,
         )

@@ -18,7 +18,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from ..core.errors import UserError
-from ..core.files import ASSETS, GB, MAX_INPUT_BYTES, checked, lines, parse_json, read_bytes
+from ..core.files import ASSETS, GB, MAX_INPUT_BYTES, MAX_RECORD_BYTES, checked, lines, parse_json, read_bytes
 
 log = logging.getLogger("lora_ft")
 
@@ -91,6 +91,31 @@ def read_input(spec: str, stdin_name: str = "<stdin>") -> tuple[Path, str]:
         raise UserError(f"{spec}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{spec}: cannot read ({e})") from None
+
+
+def input_lines(spec: str) -> Iterator[str]:
+    """The lines of a file of texts (`predict --file`), or of standard input for "-", read as they are needed, so
+    that a file of a million texts is never held whole. Split at \\n only, as `files.lines` splits; a line that is
+    not UTF-8, or longer than a record may be, is refused in one line naming the file and line."""
+    name, stdin = ("<stdin>", getattr(sys.stdin, "buffer", None)) if spec == "-" else (spec, None)
+    if spec == "-" and stdin is None:  # a text stream (a test's StringIO): its lines are already text
+        yield from (line.removesuffix("\n").removesuffix("\r") for line in sys.stdin)
+        return
+    try:
+        stream = stdin or open(spec, "rb")  # noqa: SIM115 (closed below, unless it is stdin)
+    except OSError as e:
+        raise UserError(f"{spec}: cannot read ({e.strerror})") from None
+    try:
+        for number, raw in enumerate(iter(lambda: stream.readline(MAX_RECORD_BYTES + 1), b""), 1):
+            if len(raw) > MAX_RECORD_BYTES:
+                raise UserError(f"{name}: line {number} is over the {MAX_RECORD_BYTES >> 20} MB a text may be")
+            try:
+                yield raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+            except UnicodeDecodeError:
+                raise UserError(f"{name}: line {number} is not UTF-8 text (binary input?)") from None
+    finally:
+        if stream is not stdin:
+            stream.close()
 
 
 def typed_lines(read: Callable[[], str]) -> Iterator[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from transformers import (
 )
 
 from .. import data
-from ..core import plots, registry, report, stats
+from ..core import plots, progress, registry, report, stats
 from ..core.config import RunConfig
 from ..core.errors import UserError
 from ..core.manifest import Manifest
@@ -225,17 +227,52 @@ def load_base(
 load = adapters.loader("spam", load_base)  # TaskModule.load, on the classifier base above
 
 
+CHUNK = 1024  # texts read, labelled and handed back at a time by `predict_stream`: what bounds its memory
+
+
 def predict(adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Prediction]:
-    empty = [number for number, text in enumerate(texts, 1) if not text.strip()]
-    if empty:
-        raise UserError(f"text {empty[0]} of {len(texts)} is empty: there is nothing to classify")
+    """Each text's label and score, and whether it was cut at the adapter's max_length (`predict_stream`, whole)."""
+    return list(predict_stream(adapter, texts, batch_size, force))
+
+
+def predict_stream(
+    adapter: str | Path, texts: Iterable[str], batch_size: int = 32, force: bool = False
+) -> Iterator[Prediction]:
+    """`predict` for texts read as they come (a file of a million lines): CHUNK at a time, each chunk labelled in
+    batches of similar lengths and yielded in order, so that memory is bounded and the first labels come out within
+    seconds. An empty text is refused before its chunk is labelled (as `text N of M` when `texts` is a list)."""
     loaded = load(adapter, force=force)
-    model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
-    names = manifest.label_names
-    max_length = manifest.run_config.max_length
-    encoded = tokenize(Dataset.from_dict({"text": texts}), tokenizer, max_length)
-    logits = predict_logits(model, tokenizer, encoded, batch_size, "classifying")
-    return _predictions(texts, torch.from_numpy(logits), names, longer(texts, tokenizer, max_length))
+    names, max_length = loaded.manifest.label_names, loaded.manifest.run_config.max_length
+    total = f" of {len(texts)}" if isinstance(texts, list) else ""
+    source, done = iter(texts), 0
+    shown = progress.bar(desc="classifying", unit=" texts", hidden=isinstance(texts, list) and len(texts) <= batch_size)
+    with shown:
+        while chunk := list(itertools.islice(source, CHUNK)):
+            empty = next((done + n for n, text in enumerate(chunk, 1) if not text.strip()), None)
+            if empty is not None:
+                raise UserError(f"text {empty}{total} is empty: there is nothing to classify")
+            yield from _labelled(loaded.model, loaded.tokenizer, chunk, names, max_length, batch_size)
+            done += len(chunk)
+            shown.update(len(chunk))
+
+
+def _labelled(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    names: list[str],
+    max_length: int,
+    batch_size: int,
+) -> list[Prediction]:
+    """`texts` labelled in batches of similar lengths (shortest first, which pads least), put back in order."""
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    labelled: dict[int, Prediction] = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        found = classify_batch(model, tokenizer, [texts[i] for i in batch], names, max_length)
+        labelled.update(zip(batch, found, strict=True))
+    return [labelled[i] for i in range(len(texts))]
 
 
 def classify_batch(

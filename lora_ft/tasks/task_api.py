@@ -5,6 +5,7 @@ by name through `task_code`, above them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +67,11 @@ class Classifier(TaskModule, Protocol):
 
     def predict(self, adapter: str | Path, texts: list[str], batch_size: int = 32, force: bool = False) -> list[Any]:
         """Each text's label and score, and whether it was cut at the adapter's max_length."""
+
+    def predict_stream(
+        self, adapter: str | Path, texts: Iterable[str], batch_size: int = 32, force: bool = False
+    ) -> Iterator[Any]:
+        """`predict` for texts read as they come, answered in order a chunk at a time (bounded memory)."""
 
     def classify_batch(self, model: Any, tokenizer: Any, texts: list[str], names: list[str], max_length: int) -> list:
         """`texts` labelled in one forward pass by an adapter already loaded (`serve`'s batches)."""
