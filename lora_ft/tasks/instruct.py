@@ -90,17 +90,17 @@ def _within_length(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
     return split.select(keep), len(split) - len(keep)
 
 
-def _check_test_fits(test: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, path: Path) -> None:
-    """Refuse, before the first step, a test example longer than `max_length`, naming it. Train and val leave such
-    examples out, but the test split is what the adapter is scored on and must stay as the seed made it; found
-    only when scoring, after training, it failed every `--resume` the same way."""
-    for row, pair in zip(test, examples(test, tokenizer, max_length), strict=True):
+def _check_test_fits(test: Dataset, tokenizer: PreTrainedTokenizerBase, positions: int, path: Path) -> None:
+    """Refuse, before the first step, a test example longer than the model's `positions`, naming it: it cannot be
+    scored, and found only when scoring, after training, it failed every `--resume` the same way. (Train and val
+    leave out examples over `max_length`; the test split stays as the seed made it.)"""
+    for row, pair in zip(test, examples(test, tokenizer, positions), strict=True):
         tokens = len(_encoded(tokenizer, pair)[0])
-        if tokens > max_length:
+        if tokens > positions:
             shown = row.get("record") or f"{path}: the test example {(row.get('instruction') or row['prompt'])[:40]!r}"
             raise UserError(
-                f"{shown} is in the test split and is {tokens} tokens, over `max_length` {max_length}: "
-                "shorten it, or raise `max_length`"
+                f"{shown} is in the test split and is {tokens} tokens, more than the model's {positions} positions: "
+                "shorten it"
             )
 
 
@@ -279,7 +279,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: Path | None = None
     if len(train_pairs) == 0 or len(val_pairs) == 0:
         split = "training" if len(train_pairs) == 0 else "val"
         raise UserError(f"{run.data_path}: no {split} example fits in `max_length` {config.max_length} tokens")
-    _check_test_fits(test, tokenizer, config.max_length, run.data_path)
+    _check_test_fits(test, tokenizer, models.context_length(run.base) or config.max_length, run.data_path)
 
     with training.run_folder(run, overwrite, resume) as tmp:
         checkpoints = tmp / runs.CHECKPOINTS
