@@ -594,3 +594,44 @@ def test_listing_a_deeply_nested_trainer_state() -> None:
     (checkpoint / "trainer_state.json").write_text("[" * 50_000 + "]" * 50_000)
     [listed] = adapters.list_adapters(root)
     assert listed.kind == "interrupted" and listed.state is None and listed.problem is None
+
+
+# --- adapter_config.json ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter_copies(spam_run) -> dict[str, Path]:
+    """Two copies of a trained classifier: one whose manifest records adapter_config.json's sha256, and one from
+    before that was recorded (only the field checks and PEFT's own stand between an edit and the loaded model)."""
+    copies = {}
+    for kind in ("recorded", "unrecorded"):
+        copies[kind] = shutil.copytree(spam_run[0].adapter_dir, WORK / f"adapter-config-{kind}")
+    manifest = json.loads((copies["unrecorded"] / FILENAME).read_text())
+    del manifest["lora"][adapters.CONFIG_SHA256]
+    (copies["unrecorded"] / FILENAME).write_text(json.dumps(manifest))
+    return copies
+
+
+@pytest.mark.parametrize(("kind", "examples"), [("recorded", 150), ("unrecorded", 60)])
+def test_adapter_configs(adapter_copies: dict[str, Path], kind: str, examples: int) -> None:
+    """An edited adapter_config.json loads (it is the trained adapter) or is one line naming the file; PEFT never
+    fails with its own exception. Fewer examples without the sha256: most of those load the model."""
+    from lora_ft.tasks import classify
+
+    folder = adapter_copies[kind]
+    valid = json.loads((folder / adapters.ADAPTER_CONFIG).read_text())
+
+    @settings(FUZZ, max_examples=examples)
+    @given(raw=contents(json.dumps(valid, indent=2), valid))
+    def edited(raw: bytes) -> None:
+        (folder / adapters.ADAPTER_CONFIG).write_bytes(raw)
+        try:
+            loaded = classify.load(folder)
+        except UserError as e:
+            assert "\n" not in str(e) and str(e).startswith(str(folder / adapters.ADAPTER_CONFIG)), str(e)[:500]
+            return
+        if kind == "recorded":  # only the file training wrote gets past its sha256
+            assert json.loads(raw) == valid
+        assert loaded.model.peft_config["default"].peft_type == valid["peft_type"]
+
+    edited()

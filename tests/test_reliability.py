@@ -131,14 +131,28 @@ CASES: list[tuple[str, dict[str, str | bytes], list[str], list[str]]] = [
     ("predict-empty-text", {}, ["predict", "{spam}", "ok", ""], ["text 2 of 2 is empty"]),
     ("max-length-positions", {}, ["spam", *TRAIN, "--max-length", "100000"], ["--max-length 100000", "256 positions"]),
     ("adapter-pickled", {}, ["predict", "{spam}", "hi"], ["adapter_model.safetensors: missing", "pickled"]),
+    # adapter_config.json edited by hand (issue 30): PEFT's declared types, then the manifest's record, field by field
+    ("config-alpha-string", {}, ["predict", "{spam}", "hi"], ["adapter_config.json", '"lora_alpha" is "32", not int']),
+    ("config-peft-type", {}, ["predict", "{spam}", "hi"], ["adapter_config.json", '"peft_type" is "NOPE"']),
+    ("config-embeddings", {}, ["eval", "{spam}"], ['"modules_to_save" is ["wte", "score"]', "trained with"]),
+    ("config-dora", {}, ["predict", "{spam}", "hi"], ['"use_dora" is true, but the adapter was trained with false']),
+    ("config-rank", {}, ["predict", "{spam}", "hi"], ['"r" is 8, but the adapter was trained with 16']),
+    ("config-task", {}, ["generate", "{instruct}", "--instruction", "a"], ['"task_type" is "SEQ_CLS"', "CAUSAL_LM"]),
+    ("config-changed", {}, ["predict", "{spam}", "hi"], ["adapter_config.json: changed since training"]),
+    ("config-not-json", {}, ["predict", "{spam}", "hi"], ["adapter_config.json: unreadable"]),
+    ("config-not-object", {}, ["predict", "{spam}", "hi"], ["adapter_config.json: a JSON list, not an object"]),
 ]
 
 
-def _edit_manifest(folder: Path, edit: Callable[[dict], None]) -> None:
-    path = folder / "lora_ft.json"
+def _edit_manifest(folder: Path, edit: Callable[[dict], None], name: str = "lora_ft.json") -> None:
+    path = folder / name
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest))
+
+
+def _edit_config(**fields: object) -> Callable[[Path], None]:
+    return lambda a: _edit_manifest(a, lambda config: config.update(fields), "adapter_config.json")
 
 
 # How a case damages its copy of a trained adapter or of the tiny GPT-2 (the fixtures themselves stay intact).
@@ -149,6 +163,15 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "adapter-other-size": lambda a: _edit_manifest(a, lambda m: m["base"].update(hidden_size=768)),
     "adapter-other-arch": lambda a: _edit_manifest(a, lambda m: m["base"].update(model_type="llama")),
     "adapter-pickled": lambda a: (a / "adapter_model.safetensors").rename(a / "adapter_model.bin"),
+    "config-alpha-string": _edit_config(lora_alpha="32"),
+    "config-peft-type": _edit_config(peft_type="NOPE"),
+    "config-embeddings": _edit_config(modules_to_save=["wte", "score"]),
+    "config-dora": _edit_config(use_dora=True),
+    "config-rank": _edit_config(r=8),
+    "config-task": _edit_config(task_type="SEQ_CLS"),
+    "config-changed": _edit_config(layers_to_transform=[0]),  # a field the manifest does not name: its sha256 does
+    "config-not-json": lambda a: (a / "adapter_config.json").write_text("{oops"),
+    "config-not-object": lambda a: (a / "adapter_config.json").write_text("[]"),
     "model-corrupt-weights": lambda m: (m / "model.safetensors").write_bytes(b"not safetensors at all"),
     "model-bad-config": lambda m: (m / "config.json").write_text('{"model_type": "gpt2", "n_embd": "wide"'),
 }

@@ -202,6 +202,7 @@ def save(
         how = methods.save_kwargs(folder) | ({"selected_adapters": adapter_names} if adapter_names else {})
         adapters.save_adapter(model, run.tokenizer, folder, state, **how)
         methods.finish_conversion(model, folder)
+        adapters.record_adapter_config(folder, manifest)
         adapters.write_manifest(folder, manifest)
         plots.plot_loss(trainer.state.log_history, folder / "loss.png")
 

@@ -26,14 +26,15 @@ def evaluate(adapter: str | Path, force: bool = False) -> Evaluation:
 
 def matches_manifest(evaluation: Evaluation) -> bool:
     """Whether the recomputed test metrics are the ones the manifest recorded: every figure both have, floats up to
-    the last digits (a sum taken in another order), the rest exactly."""
+    float32's last digits (the model computes in float32; a sum taken in another order, or a PiSSA adapter scored
+    before its conversion to plain LoRA, differs there), the rest exactly."""
     recorded = evaluation.manifest.metrics["test"]
     return all(_same(value, recorded[key]) for key, value in evaluation.metrics.items() if key in recorded)
 
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b

@@ -297,6 +297,7 @@ def _new_base(
     mismatches = models.base_mismatches(start.base, models.describe_base(source, base))
     if mismatches:
         raise UserError(f"`from_adapter` {config.from_adapter}: not this base's adapter ({'; '.join(mismatches)})")
+    adapters.check_adapter_config(config.from_adapter, start)
     return PeftModel.from_pretrained(base, config.from_adapter, adapter_name=POLICY, is_trainable=True)
 
 
