@@ -28,7 +28,7 @@ from lora_ft.core.errors import UserError
 from lora_ft.core.files import MANIFEST_NAME as FILENAME
 from lora_ft.core.manifest import Manifest
 from lora_ft.data import chat
-from lora_ft.engine import adapters, runs
+from lora_ft.engine import adapter_config, adapters, runs
 
 # Deterministic (the same examples on every run, nothing saved between runs) and bounded: the file runs in well
 # under a minute on 2 cores.
@@ -607,7 +607,7 @@ def adapter_copies(spam_run) -> dict[str, Path]:
     for kind in ("recorded", "unrecorded"):
         copies[kind] = shutil.copytree(spam_run[0].adapter_dir, WORK / f"adapter-config-{kind}")
     manifest = json.loads((copies["unrecorded"] / FILENAME).read_text())
-    del manifest["lora"][adapters.CONFIG_SHA256]
+    del manifest["lora"][adapter_config.CONFIG_SHA256]
     (copies["unrecorded"] / FILENAME).write_text(json.dumps(manifest))
     return copies
 
@@ -619,16 +619,16 @@ def test_adapter_configs(adapter_copies: dict[str, Path], kind: str, examples: i
     from lora_ft.tasks import classify
 
     folder = adapter_copies[kind]
-    valid = json.loads((folder / adapters.ADAPTER_CONFIG).read_text())
+    valid = json.loads((folder / adapter_config.FILENAME).read_text())
 
     @settings(FUZZ, max_examples=examples)
     @given(raw=contents(json.dumps(valid, indent=2), valid))
     def edited(raw: bytes) -> None:
-        (folder / adapters.ADAPTER_CONFIG).write_bytes(raw)
+        (folder / adapter_config.FILENAME).write_bytes(raw)
         try:
             loaded = classify.load(folder)
         except UserError as e:
-            assert "\n" not in str(e) and str(e).startswith(str(folder / adapters.ADAPTER_CONFIG)), str(e)[:500]
+            assert "\n" not in str(e) and str(e).startswith(str(folder / adapter_config.FILENAME)), str(e)[:500]
             return
         if kind == "recorded":  # only the file training wrote gets past its sha256
             assert json.loads(raw) == valid

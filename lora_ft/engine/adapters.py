@@ -4,13 +4,8 @@ and read, the adapter loaded back onto its base (checked to be the one it was tr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import hashlib
-import json
-import math
 import platform
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,10 +15,10 @@ from typing import Any
 
 from ..core import interop, registry
 from ..core.errors import UserError
-from ..core.files import MANIFEST_NAME, sha256_file
+from ..core.files import MANIFEST_NAME
 from ..core.manifest import Manifest
 from ..core.report import Listed
-from . import methods
+from . import adapter_config, methods
 from .runs import ADAPTERS_DIR, PARTIAL, RUN_RECORD, newest_checkpoint, output_of, read_run_record, running
 from .runs import find_run as find_run  # the Python API's name for it, from before runs.py
 
@@ -62,10 +57,10 @@ def read_manifest(folder: str | Path, adapter: bool = True) -> Manifest:
     if adapter and is_whole_model(manifest):
         if not (Path(folder) / "config.json").is_file():
             raise UserError(f"{folder}: config.json is missing (a fully fine-tuned model is saved whole)")
-    elif adapter and not (Path(folder) / "adapter_config.json").is_file():
+    elif adapter and not (Path(folder) / adapter_config.FILENAME).is_file():
         if manifest.merge is not None:
             raise UserError(f"{folder}: a merged export, not an adapter (load it with transformers directly)")
-        raise UserError(f"{folder}: adapter_config.json is missing")
+        raise UserError(f"{folder}: {adapter_config.FILENAME} is missing")
     return manifest
 
 
@@ -141,7 +136,7 @@ def load_with_base(
     if manifest.task not in registry.TASKS or not registry.same_kind(manifest.task, task):
         raise UserError(f"{adapter}: a '{manifest.task}' adapter, not a {task} one")
     if not is_whole_model(manifest):
-        check_adapter_config(adapter, manifest)
+        adapter_config.check(adapter, manifest)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     check_template(adapter, tokenizer, manifest)
     if is_whole_model(manifest):  # its own weights: nothing to check them against, nothing to share
@@ -174,8 +169,9 @@ def load_with_base(
             model.load_adapter(adapter, adapter_name=name)
     except SafetensorError as e:
         raise UserError(f"{weights}: corrupt or incomplete ({str(e).splitlines()[0]})") from None
-    except (ValueError, TypeError, KeyError, AttributeError) as e:  # what check_adapter_config leaves to PEFT
-        raise UserError(f"{Path(adapter) / ADAPTER_CONFIG}: PEFT cannot load it ({str(e).splitlines()[0]})") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # what adapter_config.check leaves to PEFT
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{Path(adapter) / adapter_config.FILENAME}: PEFT cannot load it ({why})") from None
     except RuntimeError as e:  # tensor shapes that do not fit, once --force let a different base through
         lines = [line.strip() for line in str(e).splitlines()]
         why = next((line for line in lines if line.startswith("size mismatch")), lines[0])
@@ -183,149 +179,6 @@ def load_with_base(
     if base_is_bf16(model):
         skip_input_casts(model)
     return Loaded(model, tokenizer, manifest, info, mismatches)
-
-
-ADAPTER_CONFIG = "adapter_config.json"
-CONFIG_SHA256 = "adapter_config_sha256"  # in the manifest's `lora` section: the file as training wrote it
-
-
-def record_adapter_config(folder: Path, manifest: Manifest) -> None:
-    """Record in the manifest the sha256 of the adapter_config.json just saved (none for a whole model)."""
-    if (folder / ADAPTER_CONFIG).is_file():
-        manifest.lora[CONFIG_SHA256] = sha256_file(folder / ADAPTER_CONFIG)
-
-
-def check_adapter_config(folder: str | Path, manifest: Manifest) -> None:
-    """`adapter_config.json` is the adapter the manifest describes. PEFT builds the layers from that file, so a hand
-    edit would load another adapter than the one trained (other layers, another scale), or fail deep inside PEFT.
-    Every field PEFT declares must have its declared type and every field the manifest records must agree, each
-    refused by name; then the whole file must be the one training wrote (its sha256), where the manifest has it."""
-    path = Path(folder) / ADAPTER_CONFIG
-    found = _json_object(path)
-    config_class = _peft_config_class(path, found.get("peft_type"))
-    for field, value in found.items():
-        expected = _declared_type(config_class, field)
-        if expected is not None and not _has_type(expected, value):
-            raise UserError(f"{path}: {_brief(field)} is {_brief(value)}, not {_type_name(expected)}")
-    effective = _defaults(config_class) | found
-    for field, recorded in _recorded_fields(manifest).items():
-        if not _agree(effective.get(field), recorded):
-            raise UserError(
-                f"{path}: {_brief(field)} is {_brief(effective.get(field))}, but the adapter was trained with "
-                f"{_brief(recorded)} ({MANIFEST_NAME}): restore it"
-            )
-    recorded_sha = (manifest.lora or {}).get(CONFIG_SHA256)
-    if recorded_sha is not None and sha256_file(path) != recorded_sha:
-        why = f"its sha256 is not the one {MANIFEST_NAME} records"
-        raise UserError(f"{path}: changed since training ({why}): restore it")
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    try:
-        found = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep, unreadable
-        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not isinstance(found, dict):
-        raise UserError(f"{path}: a JSON {type(found).__name__}, not an object")
-    return found
-
-
-def _peft_config_class(path: Path, peft_type: Any) -> type:
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise UserError(f'{path}: "peft_type" is {_brief(peft_type)}, not one of PEFT\'s (LORA, IA3, VERA, ...)')
-    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-
-
-@functools.cache
-def _declared_type(config_class: type, field: str) -> Any:
-    """The field's annotation in PEFT's config dataclass, or None for a field PEFT does not declare."""
-    return typing.get_type_hints(config_class).get(field)
-
-
-@functools.cache
-def _type_checker(expected: Any) -> Any:
-    """pydantic's validator for a typing annotation, or None where pydantic cannot build one (PEFT's own classes:
-    PEFT checks those as it loads)."""
-    from pydantic import TypeAdapter
-
-    try:
-        return TypeAdapter(expected)
-    except Exception:  # pydantic's schema errors have several types; any one means "cannot check"
-        return None
-
-
-def _has_type(expected: Any, value: Any) -> bool:
-    from pydantic import ValidationError
-
-    checker = _type_checker(expected)
-    if checker is None:
-        return True
-    try:
-        checker.validate_python(value, strict=True)  # strict: "8" is not an int, 1 is not a bool
-    except (ValidationError, RecursionError):
-        return False
-    return True
-
-
-def _type_name(expected: Any) -> str:
-    """An annotation as a reader knows it: "int", "Optional[list[str]]"."""
-    name = expected.__name__ if isinstance(expected, type) else str(expected)
-    return name.replace("typing.", "")
-
-
-def _defaults(config_class: type) -> dict[str, Any]:
-    """The values PEFT gives the fields a file leaves out."""
-    missing, found = dataclasses.MISSING, {}
-    for field in dataclasses.fields(config_class):
-        if field.default is not missing or field.default_factory is not missing:
-            found[field.name] = field.default if field.default is not missing else field.default_factory()
-    return found
-
-
-def _recorded_fields(manifest: Manifest) -> dict[str, Any]:
-    """What the manifest says adapter_config.json holds: the PEFT type, task type, targets and the rank and scale."""
-    lora, config = manifest.lora or {}, manifest.config or {}
-    recorded = {
-        "peft_type": lora.get("peft_type"),
-        "task_type": registry.get(manifest.task).peft_task_type,
-        "target_modules": lora.get("target_modules"),
-        "fan_in_fan_out": lora.get("fan_in_fan_out"),
-        "modules_to_save": lora.get("modules_to_save"),
-    }
-    if lora.get("peft_type") == "VERA":
-        recorded["r"] = config.get("lora_r")
-    if lora.get("peft_type") == "LORA" and isinstance(lora.get("r"), int) and lora["r"] > 0:
-        recorded |= _lora_scale(lora, config.get("lora_alpha"))
-        recorded |= {"use_rslora": lora.get("use_rslora"), "use_dora": lora.get("method") == "dora"}
-        recorded |= {"rank_pattern": {}, "alpha_pattern": {}}  # lora_ft gives every module the same rank and scale
-    return {field: value for field, value in recorded.items() if value is not None}
-
-
-def _lora_scale(lora: dict[str, Any], alpha: Any) -> dict[str, Any]:
-    """The rank and alpha a LoRA adapter is saved with. PiSSA and OLoRA are saved converted to a plain LoRA of twice
-    the rank (methods.finish_conversion), with alpha grown to keep the scale (alpha / r, or alpha / sqrt(r) with
-    rsLoRA)."""
-    if not isinstance(alpha, (int, float)):
-        return {}
-    grow = 2 if lora.get("init_lora_weights") in methods.REWRITES_BASE else 1
-    return {"r": lora["r"] * grow, "lora_alpha": alpha * (math.sqrt(grow) if lora.get("use_rslora") else grow)}
-
-
-def _agree(found: Any, recorded: Any) -> bool:
-    """Lists of names compare as sets (PEFT writes them in any order; none is an empty list), numbers by value."""
-    if isinstance(recorded, list) and (found is None or isinstance(found, list)):
-        return {repr(v) for v in found or ()} == {repr(v) for v in recorded}
-    numbers = (int, float)
-    if isinstance(recorded, numbers) and isinstance(found, numbers) and not isinstance(found, bool):
-        return not isinstance(recorded, bool) and math.isclose(found, recorded, rel_tol=1e-9)
-    return type(found) is type(recorded) and found == recorded
-
-
-def _brief(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def check_template(folder: str | Path, tokenizer: Any, manifest: Manifest) -> None:
@@ -369,7 +222,7 @@ def _text(value: Any, what: str, optional: bool = False) -> str | None:
 
 def describe_folder(folder: Path) -> Listed:
     """The listing row of an adapter or merged-export folder (for an export: when and onto what it was merged)."""
-    listed = Listed(str(folder), "adapter" if (folder / "adapter_config.json").is_file() else "?")
+    listed = Listed(str(folder), "adapter" if (folder / adapter_config.FILENAME).is_file() else "?")
     listed.size_bytes = folder_size(folder)
     try:
         manifest = read_manifest(folder, adapter=False)
@@ -398,7 +251,7 @@ def list_adapters(root: str | Path = ADAPTERS_DIR) -> list[Listed]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: folder not found")
-    folders = {p.parent for name in (MANIFEST_NAME, "adapter_config.json") for p in root.rglob(name)}
+    folders = {p.parent for name in (MANIFEST_NAME, adapter_config.FILENAME) for p in root.rglob(name)}
     visible = [f for f in folders if not any(part.startswith(".") for part in f.relative_to(root).parts)]
     found = [describe_folder(f) for f in visible] + [
         _describe_run(p.parent) for p in root.rglob(f"*{PARTIAL}/{RUN_RECORD}")

@@ -36,7 +36,7 @@ from ..core.errors import Interrupted, UserError
 from ..core.files import now_iso, peak_rss_bytes, sha256_file
 from ..core.manifest import Manifest
 from ..data import SPLITS
-from . import adapters, methods, models, runs
+from . import adapter_config, adapters, methods, models, runs
 from .adapters import TrainResult as TrainResult  # a task's `train` returns it; its name here from before
 from .callbacks import (
     ProgressLog,
@@ -202,7 +202,7 @@ def save(
         how = methods.save_kwargs(folder) | ({"selected_adapters": adapter_names} if adapter_names else {})
         adapters.save_adapter(model, run.tokenizer, folder, state, **how)
         methods.finish_conversion(model, folder)
-        adapters.record_adapter_config(folder, manifest)
+        adapter_config.record(folder, manifest)
         adapters.write_manifest(folder, manifest)
         plots.plot_loss(trainer.state.log_history, folder / "loss.png")
 

@@ -26,7 +26,7 @@ from ..core.files import sha256_file
 from ..core.manifest import Manifest
 from ..core.stats import mean_interval
 from ..data import chat, pairs
-from ..engine import adapters, generation, methods, models, runs, training
+from ..engine import adapter_config, adapters, generation, methods, models, runs, training
 from . import instruct
 
 log = logging.getLogger("lora_ft")
@@ -297,7 +297,7 @@ def _new_base(
     mismatches = models.base_mismatches(start.base, models.describe_base(source, base))
     if mismatches:
         raise UserError(f"`from_adapter` {config.from_adapter}: not this base's adapter ({'; '.join(mismatches)})")
-    adapters.check_adapter_config(config.from_adapter, start)
+    adapter_config.check(config.from_adapter, start)
     return PeftModel.from_pretrained(base, config.from_adapter, adapter_name=POLICY, is_trainable=True)
 
 
