@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import typing
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..core import registry
 from ..core.errors import UserError
-from ..core.files import MANIFEST_NAME, sha256_file
+from ..core.files import MANIFEST_NAME, MAX_RECORD_BYTES, parse_json, read_bytes, sha256_file
 from ..core.manifest import Manifest
 from . import methods
 
@@ -35,10 +36,11 @@ def check(folder: str | Path, manifest: Manifest) -> None:
     Every field PEFT declares must have its declared type and every field the manifest records must agree, each
     refused by name; then the whole file must be the one training wrote (its sha256), where the manifest has it."""
     path = Path(folder) / FILENAME
-    found = _json_object(path)
+    raw = _read(path)
+    found = _json_object(path, raw)
     config_class = _peft_config_class(path, found.get("peft_type"))
     for field, value in found.items():
-        expected = _declared_type(config_class, field)
+        expected = _annotations(config_class).get(field)  # None: a field PEFT does not declare
         if expected is not None and not _has_type(expected, value):
             raise UserError(f"{path}: {_brief(field)} is {_brief(value)}, not {_type_name(expected)}")
     effective = _defaults(config_class) | found
@@ -49,16 +51,23 @@ def check(folder: str | Path, manifest: Manifest) -> None:
                 f"{_brief(recorded)} ({MANIFEST_NAME}): restore it"
             )
     recorded_sha = (manifest.lora or {}).get(CONFIG_SHA256)
-    if recorded_sha is not None and sha256_file(path) != recorded_sha:
+    if recorded_sha is not None and hashlib.sha256(raw).hexdigest() != recorded_sha:  # the bytes just checked
         why = f"its sha256 is not the one {MANIFEST_NAME} records"
         raise UserError(f"{path}: changed since training ({why}): restore it")
 
 
-def _json_object(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> bytes:
     try:
-        found = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep, unreadable
-        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        return read_bytes(path, MAX_RECORD_BYTES, "adapter config")
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from None
+
+
+def _json_object(path: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        found = parse_json(raw.decode("utf-8"))  # deep nesting and huge integers as JSONDecodeError too
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
     if not isinstance(found, dict):
         raise UserError(f"{path}: a JSON {type(found).__name__}, not an object")
     return found
@@ -72,13 +81,9 @@ def _peft_config_class(path: Path, peft_type: Any) -> type:
     return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
 
 
-def _declared_type(config_class: type, field: str) -> Any:
-    """The field's annotation in PEFT's config dataclass, or None for a field PEFT does not declare."""
-    return _annotations(config_class).get(field)
-
-
 @functools.cache
 def _annotations(config_class: type) -> dict[str, Any]:
+    """The fields' annotations in PEFT's config dataclass."""
     return typing.get_type_hints(config_class)
 
 
