@@ -30,6 +30,11 @@ os.environ["LORA_FT_DATA_DIR"] = str(DATA_DIR)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["LORA_FT_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_ft-test-cache-")  # not the user's cache
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist runs the suite in one worker process per core (pyproject's addopts): each computes on one thread, as
+# do the CLI processes it starts, so that workers do not fight over the cores (the tiny models gain nothing from a
+# second thread anyway). Set before torch is imported: test modules import it after this file.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # Runs whose exact results tests check compute in float32 on every machine: `precision` auto means bf16 where the

@@ -226,23 +226,36 @@ def test_greedy_answers_do_not_depend_on_their_batch_mates(tiny_gpt2: Path):
     assert together[1].new_tokens <= 256 - 230
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["spam", "--lr", "inf"],
-        ["spam", "--weight-decay", "inf"],
-        ["spam", "--epochs", "nan"],
-        ["instruct", "--epochs", "inf"],
-        ["spam", "--lora-alpha", "100000000000"],
-        ["serve", "nowhere", "--port", "70000"],
-        ["serve", "nowhere", "--port", "-1"],
-    ],
-)
+ABSURD = [
+    ["spam", "--lr", "inf"],
+    ["spam", "--weight-decay", "inf"],
+    ["spam", "--epochs", "nan"],
+    ["instruct", "--epochs", "inf"],
+    ["spam", "--lora-alpha", "100000000000"],
+    ["serve", "nowhere", "--port", "70000"],
+    ["serve", "nowhere", "--port", "-1"],
+    ["serve", "nowhere", "--header-timeout", "0"],
+]
+
+
+@pytest.mark.parametrize("args", ABSURD)
 def test_non_finite_or_absurd_numbers_stop_before_anything_loads(args: list[str], tmp_path: Path):
     done = run_cli(*args, "--output", str(tmp_path / "out")) if args[0] != "serve" else run_cli(*args)
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and args[-2] in done.stderr.replace("'", "--").replace("_", "-")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_setting_is_told_before_torch_is_imported(tmp_path: Path):
+    """A typo costs a second, not the import of torch, transformers and PEFT (7 s at one thread)."""
+    script = (
+        "import json, sys\nfrom lora_ft.cli import main\n"
+        "codes = [main(args) for args in json.loads(sys.argv[1])]\n"
+        "print(json.dumps([codes, [m for m in ('torch', 'peft', 'transformers.trainer') if m in sys.modules]]))"
+    )
+    commands = [args + (["--output", str(tmp_path / "out")] if args[0] != "serve" else []) for args in ABSURD]
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True)
+    assert json.loads(done.stdout) == [[2] * len(ABSURD), []], done.stderr
 
 
 def test_names_are_escaped_and_long_values_cut_in_one_line(tiny_gpt2: Path, tmp_path: Path):

@@ -58,10 +58,10 @@ def _train_config(task: str, args: argparse.Namespace) -> tuple[RunConfig, Path 
 
 def run_train(args: argparse.Namespace) -> int:
     """Any task's training command: its config (recipe, flags, or the interrupted run's), its run, its summary."""
+    config, resume = _train_config(args.command, args)  # first: a bad setting is told before torch is imported
     from ..tasks import task_code
 
     task = task_code.get(args.command)
-    config, resume = _train_config(args.command, args)
     result = task.train(config, overwrite=args.overwrite, resume=resume)
     if _main_process():
         print("\n".join(task.summary(result.manifest, result.adapter_dir)))
@@ -279,11 +279,11 @@ def run_recipes(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from ..serve import pool, server
-
     limits = commands.from_flags(commands.ServeLimits, args)
     commands.from_flags(commands.ServeOptions, args)
     api_key = commands.api_key(args.api_key)  # or $LORA_FT_API_KEY
+    from ..serve import pool, server  # after the checks: a bad flag is told before torch is imported
+
     sock = server.bind(args.host, args.port)  # before loading: a port in use is said at once
     registry = pool.load(args.adapters, limits)
     host, port = sock.getsockname()[:2]

@@ -145,7 +145,10 @@ def quiet_libraries() -> None:
     """The ML libraries' own logs, warnings and bars off (a command shows its own; `--debug` keeps theirs)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes asks the `kernels` package for its CPU kernels at import; offline, kernels warns that it skipped a
+    # trust check (a line on stderr before lora_ft's own one-line error)
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
     import huggingface_hub
     import transformers
