@@ -245,6 +245,28 @@ def test_bad_preference_file_exits_2_with_one_line(tiny_gpt2: Path, tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_broken_starting_adapter_is_one_line(instruct_run, damage: str, tmp_path: Path):
+    """prefer's --from adapter loads through the same checks as every other load: its weights cut short or gone are
+    one line naming the file, exit 2, before anything is written."""
+    import shutil
+
+    start = tmp_path / "start"
+    shutil.copytree(instruct_run[0].adapter_dir, start)
+    weights = start / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:200])
+    else:
+        weights.unlink()
+    data_file = write_pairs(tmp_path / "pairs.json")
+    out = tmp_path / "out"
+    done = run_cli("prefer", "--from", str(start), "--data", str(data_file), "--output", str(out), "--max-steps", "1")
+    assert done.returncode == 2, done.stderr[-2000:]
+    why = "corrupt or incomplete (" if damage == "truncated" else "missing"
+    assert done.stderr.startswith(f"error: {weights}: {why}") and done.stderr.count("\n") == 1, done.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pairs.json", "start"]
+
+
 def test_recipes_restate_the_defaults():
     assert yaml.safe_load(fallback_recipe("prefer").read_text()) == {"task": "prefer", **FALLBACK_RECIPES["prefer"]}
     assert load_config("prefer", overrides={"model": "gpt2"}).beta == 0.1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -126,7 +126,6 @@ def load_with_base(
     With `onto` (an adapter already loaded on the base this one names), no base is loaded: the adapter is checked
     against `onto`'s base and added to its model as PEFT adapter `name`, sharing that base (`serve`)."""
     from peft import PeftModel
-    from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
     from .hardware import base_is_bf16, skip_input_casts
@@ -157,16 +156,29 @@ def load_with_base(
             f"{adapter}: {source.spec} is not the base it was trained on ({'; '.join(mismatches)}); "
             "pass `force` to use it anyway"
         )
-    weights = Path(adapter) / "adapter_model.safetensors"
-    if not weights.is_file():  # PEFT would fall back to a pickled adapter_model.bin, which lora_ft never loads
-        pickled = " (its adapter_model.bin is pickled: lora_ft loads safetensors only)"
-        raise UserError(f"{weights}: missing{pickled if (Path(adapter) / 'adapter_model.bin').exists() else ''}")
-    try:
+    with peft_loading(adapter, source.spec):
         if onto is None:
             model = PeftModel.from_pretrained(base, adapter, adapter_name=name).eval()
         else:
             model = onto.model
             model.load_adapter(adapter, adapter_name=name)
+    if base_is_bf16(model):
+        skip_input_casts(model)
+    return Loaded(model, tokenizer, manifest, info, mismatches)
+
+
+@contextlib.contextmanager
+def peft_loading(adapter: str | Path, spec: str) -> Iterator[None]:
+    """PEFT loading `adapter` onto the base `spec` names, inside: what goes wrong there is one line naming the file.
+    The weights must be safetensors (PEFT would fall back to a pickled adapter_model.bin, which lora_ft never loads)."""
+    from safetensors import SafetensorError
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = " (its adapter_model.bin is pickled: lora_ft loads safetensors only)"
+        raise UserError(f"{weights}: missing{pickled if (Path(adapter) / 'adapter_model.bin').exists() else ''}")
+    try:
+        yield
     except SafetensorError as e:
         raise UserError(f"{weights}: corrupt or incomplete ({str(e).splitlines()[0]})") from None
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # what adapter_config.check leaves to PEFT
@@ -175,10 +187,7 @@ def load_with_base(
     except RuntimeError as e:  # tensor shapes that do not fit, once --force let a different base through
         lines = [line.strip() for line in str(e).splitlines()]
         why = next((line for line in lines if line.startswith("size mismatch")), lines[0])
-        raise UserError(f"{adapter}: its weights do not fit {source.spec} ({why})") from None
-    if base_is_bf16(model):
-        skip_input_casts(model)
-    return Loaded(model, tokenizer, manifest, info, mismatches)
+        raise UserError(f"{adapter}: its weights do not fit {spec} ({why})") from None
 
 
 def check_template(folder: str | Path, tokenizer: Any, manifest: Manifest) -> None:

@@ -298,7 +298,8 @@ def _new_base(
     if mismatches:
         raise UserError(f"`from_adapter` {config.from_adapter}: not this base's adapter ({'; '.join(mismatches)})")
     adapter_config.check(config.from_adapter, start)
-    return PeftModel.from_pretrained(base, config.from_adapter, adapter_name=POLICY, is_trainable=True)
+    with adapters.peft_loading(config.from_adapter, source.spec):
+        return PeftModel.from_pretrained(base, config.from_adapter, adapter_name=POLICY, is_trainable=True)
 
 
 # A prefer adapter is an instruction-following causal LM: it loads and answers as an instruct one
