@@ -238,9 +238,14 @@ ABSURD = [
 ]
 
 
+def _with_output(args: list[str], tmp_path: Path) -> list[str]:
+    """A training command's args with an --output that must not appear (serve writes nothing)."""
+    return args if args[0] == "serve" else [*args, "--output", str(tmp_path / "out")]
+
+
 @pytest.mark.parametrize("args", ABSURD)
 def test_non_finite_or_absurd_numbers_stop_before_anything_loads(args: list[str], tmp_path: Path):
-    done = run_cli(*args, "--output", str(tmp_path / "out")) if args[0] != "serve" else run_cli(*args)
+    done = run_cli(*_with_output(args, tmp_path))
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and args[-2] in done.stderr.replace("'", "--").replace("_", "-")
     assert not (tmp_path / "out").exists()
@@ -253,7 +258,7 @@ def test_a_bad_setting_is_told_before_torch_is_imported(tmp_path: Path):
         "codes = [main(args) for args in json.loads(sys.argv[1])]\n"
         "print(json.dumps([codes, [m for m in ('torch', 'peft', 'transformers.trainer') if m in sys.modules]]))"
     )
-    commands = [args + (["--output", str(tmp_path / "out")] if args[0] != "serve" else []) for args in ABSURD]
+    commands = [_with_output(args, tmp_path) for args in ABSURD]
     done = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True)
     assert json.loads(done.stdout) == [[2] * len(ABSURD), []], done.stderr
 

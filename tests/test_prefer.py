@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,8 +250,6 @@ def test_bad_preference_file_exits_2_with_one_line(tiny_gpt2: Path, tmp_path: Pa
 def test_a_broken_starting_adapter_is_one_line(instruct_run, damage: str, tmp_path: Path):
     """prefer's --from adapter loads through the same checks as every other load: its weights cut short or gone are
     one line naming the file, exit 2, before anything is written."""
-    import shutil
-
     start = tmp_path / "start"
     shutil.copytree(instruct_run[0].adapter_dir, start)
     weights = start / "adapter_model.safetensors"
