@@ -136,6 +136,7 @@ def load_with_base(
         raise UserError(f"{adapter}: a '{manifest.task}' adapter, not a {task} one")
     if not is_whole_model(manifest):
         adapter_config.check(adapter, manifest)
+        check_weights(adapter)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     check_template(adapter, tokenizer, manifest)
     if is_whole_model(manifest):  # its own weights: nothing to check them against, nothing to share
@@ -167,16 +168,22 @@ def load_with_base(
     return Loaded(model, tokenizer, manifest, info, mismatches)
 
 
-@contextlib.contextmanager
-def peft_loading(adapter: str | Path, spec: str) -> Iterator[None]:
-    """PEFT loading `adapter` onto the base `spec` names, inside: what goes wrong there is one line naming the file.
-    The weights must be safetensors (PEFT would fall back to a pickled adapter_model.bin, which lora_ft never loads)."""
-    from safetensors import SafetensorError
-
+def check_weights(adapter: str | Path) -> Path:
+    """The adapter's weights file, there and safetensors (PEFT would fall back to a pickled adapter_model.bin, which
+    lora_ft never loads). Callers check it before they load a base, so that a missing file is told at once."""
     weights = Path(adapter) / "adapter_model.safetensors"
     if not weights.is_file():
         pickled = " (its adapter_model.bin is pickled: lora_ft loads safetensors only)"
         raise UserError(f"{weights}: missing{pickled if (Path(adapter) / 'adapter_model.bin').exists() else ''}")
+    return weights
+
+
+@contextlib.contextmanager
+def peft_loading(adapter: str | Path, spec: str) -> Iterator[None]:
+    """PEFT loading `adapter` onto the base `spec` names, inside: what goes wrong there is one line naming the file."""
+    from safetensors import SafetensorError
+
+    weights = check_weights(adapter)
     try:
         yield
     except SafetensorError as e:

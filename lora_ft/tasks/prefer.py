@@ -67,6 +67,8 @@ def starting_adapter(config: RunConfig) -> Manifest | None:
     given = config.model
     if given is not None and given != manifest.config["model"]:
         raise UserError(f"`model` {given}: `from_adapter` {folder} was trained on {manifest.config['model']}")
+    adapter_config.check(folder, manifest)  # its files too, here before anything is loaded: told at once
+    adapters.check_weights(folder)
     return manifest
 
 
@@ -290,14 +292,13 @@ def _new_base(
 ) -> Any:
     """The base, with the starting adapter on it, trainable, when there is one (checked to be the base it was
     trained on)."""
-    base = models.load_causal_base(source, tokenizer, config.quantize, precision)
     start = starting_adapter(config)
+    base = models.load_causal_base(source, tokenizer, config.quantize, precision)
     if start is None:
         return base
     mismatches = models.base_mismatches(start.base, models.describe_base(source, base))
     if mismatches:
         raise UserError(f"`from_adapter` {config.from_adapter}: not this base's adapter ({'; '.join(mismatches)})")
-    adapter_config.check(config.from_adapter, start)
     with adapters.peft_loading(config.from_adapter, source.spec):
         return PeftModel.from_pretrained(base, config.from_adapter, adapter_name=POLICY, is_trainable=True)
 
