@@ -43,6 +43,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 EXACT = {"precision": "fp32"}
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """How many workers `-n auto` (pyproject's addopts) starts: one per core this process may run on, and one more,
+    as part of the suite waits (on servers, sockets and the CLI processes tests start) rather than computes; at
+    most 5, as each worker builds the session fixtures again."""
+    return min(len(os.sched_getaffinity(0)) + 1, 5)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if not (DATA_DIR / "sms_spam_collection" / "SMSSpamCollection").is_file() or not GPT2_TOKENIZER.is_dir():
         pytest.exit(f"tests need the shared data and tokenizer at {SHARED} (set LORA_FT_SHARED)", returncode=4)

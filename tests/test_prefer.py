@@ -284,6 +284,8 @@ def test_interrupted_prefer_resumes_to_the_uninterrupted_adapter(instruct_run, t
         "3",
         "--batch-size",
         "2",
+        "--eval-batch-size",
+        "1",  # the three test pairs in three batches: their bar is shown
         "--lr",
         "1e-2",
         "--max-new-tokens",
@@ -297,6 +299,7 @@ def test_interrupted_prefer_resumes_to_the_uninterrupted_adapter(instruct_run, t
     ]
     whole = run_cli("prefer", *flags, "--output", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
+    assert whole.stderr.count("evaluating on test: 100% 3/3") == 2  # the test pairs, before and after, named so
     started = subprocess.Popen(
         [sys.executable, "-m", "lora_ft", "prefer", *flags, "--output", str(tmp_path / "run")],
         stdout=subprocess.PIPE,

@@ -241,6 +241,12 @@ class Resumable:
                 # beside the checkpoints, in the run folder: kept in the adapter folder, checkpoints are not
                 callback.logging_dir = str(Path(self.args.output_dir).parent / "tensorboard")  # type: ignore[attr-defined]
 
+    def evaluate(self, *args: Any, metric_key_prefix: str = "eval", **kwargs: Any) -> dict[str, float]:
+        # the bar names the split it runs over: prefer evaluates its test pairs through here too
+        split = "val" if metric_key_prefix == "eval" else metric_key_prefix
+        find_callback(self, ShowProgress).desc = f"evaluating on {split}"  # type: ignore[arg-type]
+        return super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs)  # type: ignore[misc]
+
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
         sampler = super()._get_train_sampler(*args, **kwargs)  # type: ignore[misc]
         if isinstance(sampler, LengthGroupedSampler):
