@@ -330,3 +330,31 @@ def test_interrupted_prefer_resumes_to_the_uninterrupted_adapter(instruct_run, t
 def test_course_file_is_shipped_unchanged():
     shipped = data.PREFERENCE_DATA.bundled
     assert sha256_file(shipped) == sha256_file(DATA_DIR / data.PREFERENCE_DATA.relpath)
+
+
+def test_the_fused_head_scores_labelled_positions_on_a_cpu_to_the_same_log_probs(
+    tiny_gpt2: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """DPOTrainer's log-probabilities come from TRL's fused LM head, which on a CPU scored every position, prompt
+    and padding too; lora_ft switches it to the labelled positions only (`hardware`): the same log-probabilities."""
+    from trl.trainer import utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from lora_ft.engine import hardware
+
+    shipped = getattr(trl_utils._use_triton, "__wrapped__", trl_utils._use_triton)
+    monkeypatch.setattr(trl_utils, "_use_triton", shipped)  # as TRL ships it (restored after the test)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    ids = torch.randint(0, 50257, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(12) < torch.tensor([[4], [7], [10]]), -100)  # prompts of 4, 7 and 10
+    with torch.no_grad():
+        every = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        assert not trl_utils._use_triton(torch.device("cpu"))
+        hardware.fused_head_at_labelled_positions()
+        assert trl_utils._use_triton(torch.device("cpu"))
+        labelled = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    for name in ("log_probs", "entropy", "mean_logits"):
+        torch.testing.assert_close(getattr(labelled, name), getattr(every, name))
+    assert torch.equal(labelled.is_top1, every.is_top1)
+    assert (labelled.log_probs[labels[:, 1:] == -100] == 0).all()

@@ -123,3 +123,22 @@ def choose_attention(model: torch.nn.Module) -> None:
             module.config._attn_implementation = "sdpa" if wide else "eager"
 
     model.register_forward_pre_hook(by_width, with_kwargs=True)
+
+
+def fused_head_at_labelled_positions() -> None:
+    """TRL 1.16's fused LM head (DPOTrainer's log-probabilities, SFTTrainer's evaluation loss) projects only the
+    positions that have a label where Triton folds its tiles (CUDA, XPU), and every position elsewhere, so that a
+    Neuron device compiles one tile shape. Nothing is compiled on a CPU, and a prompt is most of a row: scoring
+    every position there made a tiny model's DPO run 4.8x the CPU time and 2.5x the peak memory, for the same
+    figures (docs/benchmark.md). CPUs take the labelled-positions path too; TRL still folds the tiles in torch."""
+    from trl.trainer import utils as trl_utils
+
+    shipped = trl_utils._use_triton  # the one switch TRL's fused head reads; a test fails if TRL renames it
+    if getattr(shipped, "__wrapped__", None) is not None:
+        return  # switched already (every trainer a process builds calls this)
+
+    def labelled_only(device: torch.device) -> bool:
+        return device.type == "cpu" or shipped(device)
+
+    labelled_only.__wrapped__ = shipped  # type: ignore[attr-defined]
+    trl_utils._use_triton = labelled_only

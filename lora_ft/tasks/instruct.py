@@ -23,7 +23,7 @@ from ..core.config import RunConfig
 from ..core.errors import UserError
 from ..core.manifest import Manifest
 from ..data import chat
-from ..engine import adapters, methods, models, runs, training
+from ..engine import adapters, hardware, methods, models, runs, training
 from ..engine.generation import Generation, generate
 
 RESPONSES = "test_responses.json"
@@ -171,6 +171,7 @@ def build_trainer(
         completion_only_loss=True,
         packing=False,
     )
+    hardware.fused_head_at_labelled_positions()
     lora = methods.peft_config(base, TaskType.CAUSAL_LM, config)  # None: full fine-tuning
     return InstructTrainer(
         model=base, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer, peft_config=lora

@@ -26,7 +26,7 @@ from ..core.files import sha256_file
 from ..core.manifest import Manifest
 from ..core.stats import mean_interval
 from ..data import chat, pairs
-from ..engine import adapter_config, adapters, generation, methods, models, runs, training
+from ..engine import adapter_config, adapters, generation, hardware, methods, models, runs, training
 from . import instruct
 
 log = logging.getLogger("lora_ft")
@@ -137,6 +137,7 @@ def build_trainer(
         max_length=config.max_length,
         train_sampling_strategy="random",  # DPO's rows are pairs: no single length to group by
     )
+    hardware.fused_head_at_labelled_positions()
     lora = None if isinstance(model, PeftModel) else methods.peft_config(model, TaskType.CAUSAL_LM, config)
     return PreferTrainer(
         model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer,
