@@ -108,7 +108,7 @@ class RunConfig:
     eval_batch_size: int = setting(
         32, "evaluation (and generation) batch size", check=POSITIVE, per_task={"instruct": 16, "prefer": 16}
     )
-    lr: float = setting(5e-4, "learning rate", check=POSITIVE, per_task={"prefer": 5e-5})
+    lr: float = setting(5e-4, "learning rate", check=POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay", check=(lambda v: v >= 0, "must be >= 0"))
     warmup_ratio: float = setting(0.0, "share of steps spent warming up the learning rate", check=FRACTION)
     method: str = setting(
