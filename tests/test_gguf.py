@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast,
 from lora_ft import data
 from lora_ft.core.config import load_config
 from lora_ft.core.errors import UserError
+from lora_ft.engine import gguf_reading
 from lora_ft.export import gguf_export, merge
 from lora_ft.tasks import instruct
 
@@ -73,7 +74,7 @@ def _reference_logits(adapter: Path, texts: list[str]) -> tuple[torch.Tensor, di
 
 
 @pytest.mark.parametrize(("arch", "kind"), [("gpt2", "f32"), ("gpt2", "q8_0"), ("llama", "f32"), ("llama", "q8_0")])
-def test_export_reads_back_to_base_plus_adapter(exports, instruct_run, llama_run, arch: str, kind: str):
+def test_export_reads_back_to_base_plus_adapter(exports, instruct_run, llama_run, arch: str, kind: str, monkeypatch):
     folder = exports[arch, kind]
     adapter = instruct_run[0].adapter_dir if arch == "gpt2" else llama_run.adapter_dir
     path = folder / f"{folder.name}.gguf"
@@ -92,14 +93,19 @@ def test_export_reads_back_to_base_plus_adapter(exports, instruct_run, llama_run
     config = json.loads((folder / "config.json").read_text())  # older readers (llama.cpp's converter) need n_ctx
     assert arch != "gpt2" or config["n_ctx"] == config["n_positions"] == 256
 
-    # read back independently of the check: the tokenizer gives the same ids, the logits are within tolerance
-    read_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
+    # read back independently of the check: the tokenizer gives the same ids, the logits are within tolerance (the
+    # file parsed once for the tokenizer, the config and the weights, as merge's check reads it)
+    parses = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, own=gguf.GGUFReader, **k: parses.append(a) or own(*a, **k))
+    with gguf_reading.each_file_parsed_once():
+        read_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
+        extra = {"n_positions": 256} if arch == "gpt2" else {}
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, dtype=torch.float32, **extra)
+    assert len(parses) == 1
     own = AutoTokenizer.from_pretrained(adapter)
     for prompt in PROMPTS:
         assert read_tokenizer(prompt)["input_ids"] == own(prompt)["input_ids"]
     reference, batch = _reference_logits(adapter, PROMPTS)
-    extra = {"n_positions": 256} if arch == "gpt2" else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, dtype=torch.float32, **extra)
     with torch.no_grad():
         logits = model.eval()(**batch).logits[batch["attention_mask"].bool()]
     relative = float((logits - reference).abs().max() / reference.abs().max())

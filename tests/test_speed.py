@@ -187,10 +187,12 @@ def test_seconds_per_epoch_fit():
     assert speed.seconds_per_epoch([2.0, 2.2], [960, 960], [960] * 5) == pytest.approx(10.5)
 
 
-def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
-    """The whole benchmark (every setup, each in its own process) on a 2-layer GPT-2, two timed steps each."""
-    small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
-    report = speed.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=small)
+SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 2}
+
+
+def _check_bench_report(report: dict) -> None:
+    """What the benchmark's report must hold: the naive path at the course's width, the same steps, lora_ft's ratios
+    to every other setup from their own figures, the MFU from the measured peak, one table row per setup."""
     lora_ft, naive, full = (report["setups"][name] for name in ("lora_ft", "naive", "full"))
     assert naive["pad_to"] == 120 and naive["padded_tokens_per_epoch"] == 1045 * 120  # the course's width
     assert lora_ft["real_token_share"] > 0.75 > naive["real_token_share"]
@@ -217,13 +219,32 @@ def test_bench_end_to_end_on_a_small_gpt2(tmp_path: Path):
     assert compiled["compile"] and compiled["warmup_seconds"] > 0
 
 
+@pytest.mark.slow
+def test_bench_end_to_end_on_a_small_gpt2():
+    """The whole benchmark (every setup, each in its own process) on a 2-layer GPT-2, a few timed steps each (about
+    a minute of CPU, most of it seven processes importing torch: under -m slow)."""
+    _check_bench_report(speed.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=SMALL))
+
+
+def test_bench_report_on_setups_measured_in_this_process():
+    """The benchmark's report, as `bench` assembles it, on every setup measured here (`bench` runs each in its own
+    process: the slow test above) on a 2-layer GPT-2, one warm-up and two timed steps each."""
+    tokenizer = str(GPT2_TOKENIZER)
+    results = {
+        setup.name: speed.measure(replace(setup, warmup_steps=1, timed_steps=2), tokenizer, None, 123, SMALL)
+        for setup in speed.setups(True)
+    }
+    results["course"] = speed.measure_course(True, tokenizer, None, 123, SMALL)
+    peaks = speed.matmul_peaks(speed.bench_config("gpt2", speed.load_tokenizer(tokenizer), SMALL))
+    _check_bench_report(speed.summarise(results, peaks, {"quick": True, "task": "spam"}, None))
+
+
 def test_bench_measures_instruct_training(tmp_path: Path):
     """`bench --task instruct`'s setups measure SFT steps: rows masked as SFTTrainer masks them, the naive path padded
     to the longest example (in this process, two timed steps each: the structure, not the speed)."""
-    small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
     four = write_examples(tmp_path / "four.json")
     lora_ft, naive = [
-        speed.measure(replace(s, warmup_steps=1, timed_steps=2), str(GPT2_TOKENIZER), str(four), 123, small, "instruct")
+        speed.measure(replace(s, warmup_steps=1, timed_steps=2), str(GPT2_TOKENIZER), str(four), 123, SMALL, "instruct")
         for s in speed.setups(True, "instruct")[:2]
     ]
     assert lora_ft["task"] == "instruct" and lora_ft["steps_per_epoch"] == naive["steps_per_epoch"] == 3  # 17 rows
@@ -323,8 +344,7 @@ def test_a_failed_compile_falls_back_and_says_so_once(tiny_gpt2: Path, tmp_path:
 def test_inference_bench_on_a_small_gpt2():
     """`bench --inference`: lora_ft's batched predict and cached generate against one-at-a-time loops, on the real
     test messages and instructions; both give the same answers."""
-    small = {"n_layer": 2, "n_embd": 64, "n_head": 2}
-    report = inference.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=small)
+    report = inference.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=SMALL)
     predict, generate = report["predict"], report["generate"]
     assert predict["texts"] == 64 and predict["same_labels"] == 1.0 and predict["max_logit_difference"] < 1e-4
     assert predict["speedup"] == pytest.approx(predict["texts_per_second"] / predict["naive_texts_per_second"])

@@ -378,6 +378,17 @@ def mfu(result: dict[str, Any], peaks: dict[str, float]) -> float | None:
     )
 
 
+def matmul_peaks(shape: Any) -> dict[str, float]:
+    """The machine's measured matmul peak in GFLOP/s, by precision (fp16 on a GPU only), on the matrix sizes of the
+    transformers config `shape`."""
+    hidden, intermediate = shape.hidden_size, getattr(shape, "intermediate_size", None) or shape.n_inner
+    precisions = {"fp32": torch.float32, "bf16": torch.bfloat16} | (
+        {"fp16": torch.float16} if torch.cuda.is_available() else {}
+    )
+    shapes = matmul_shapes(hidden, intermediate)
+    return {name: matmul_peak(dtype, shapes)["gflops_per_second"] for name, dtype in precisions.items()}
+
+
 def run(
     quick: bool = False,
     tokenizer: str | None = None,
@@ -392,13 +403,7 @@ def run(
     course's code (when installed, and where the task and model have it as a peer), each in a fresh process (started
     with `initializer`), and compare: lora_ft's speedup over the naive path and over the course (seconds per epoch),
     its model-FLOP utilisation, and its peak memory against full fine-tuning."""
-    shape = bench_config(bench_model, load_tokenizer(tokenizer), architecture)  # fails here, not in a worker
-    hidden, intermediate = shape.hidden_size, getattr(shape, "intermediate_size", None) or shape.n_inner
-    precisions = {"fp32": torch.float32, "bf16": torch.bfloat16} | (
-        {"fp16": torch.float16} if torch.cuda.is_available() else {}
-    )
-    shapes = matmul_shapes(hidden, intermediate)
-    peaks = {name: matmul_peak(dtype, shapes)["gflops_per_second"] for name, dtype in precisions.items()}
+    peaks = matmul_peaks(bench_config(bench_model, load_tokenizer(tokenizer), architecture))  # a bad model fails here
     results = {}
     jobs: dict[str, Callable[[], Any]] = {
         s.name: partial(measure, s, tokenizer, data, seed, architecture, task, bench_model) for s in setups(quick, task)
@@ -412,14 +417,22 @@ def run(
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(1, context, initializer) as worker:
             results[name] = worker.submit(job).result()
-        results[name]["mfu"] = mfu(results[name], peaks)
+    described = f"{bench_model} architecture{f' {architecture}' if architecture else ''}, random weights"
+    return summarise(
+        results, peaks, {"quick": quick, "task": task, "model": described, "bench_model": bench_model}, missing
+    )
+
+
+def summarise(
+    results: dict[str, dict[str, Any]], peaks: dict[str, float], run: dict[str, Any], missing: str | None
+) -> dict[str, Any]:
+    """The report on `results` (by setup name; "course" among them unless `missing` says why not): each setup's MFU
+    of `peaks` (matmul GFLOP/s by precision), lora_ft's ratios to the others, after `run` (what was benchmarked)."""
+    for result in results.values():
+        result["mfu"] = mfu(result, peaks)
     memory = "peak_cuda_bytes" if torch.cuda.is_available() else "peak_rss_bytes"
     ours = results["lora_ft"]
-    return {
-        "quick": quick,
-        "task": task,
-        "model": f"{bench_model} architecture{f' {architecture}' if architecture else ''}, random weights",
-        "bench_model": bench_model,
+    return run | {
         "machine": machine() | {"matmul_peak_gflops_per_second": peaks},
         "setups": results,
         "mfu": ours["mfu"],

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from ..core import files, progress
 from ..core.config import FALLBACK_MODEL
 from ..core.errors import UserError
 from ..core.files import cache_dir, hash_into, offline, read_json_object, write_json_atomically
-from . import hardware
+from . import gguf_reading, hardware
 
 log = logging.getLogger("lora_ft")
 
@@ -283,7 +282,7 @@ def _load_base(
             raise UserError(f"`quantize`: {source.spec} is a GGUF checkpoint; quantise a safetensors checkpoint")
         kwargs.update(quantization_config=quantization, device_map=_quantized_device_map())
     try:
-        with _gguf_progress():
+        with gguf_reading.bar_as_lora_fts():
             model = _from_hub(
                 auto_class.from_pretrained,
                 source,
@@ -300,20 +299,6 @@ def _load_base(
         model = hardware.hold_in_bf16(model)
     hardware.choose_attention(model)
     return model
-
-
-@contextlib.contextmanager
-def _gguf_progress() -> Iterator[None]:
-    """transformers' GGUF reader draws a tqdm bar of its own, unconditionally (hundreds of carriage returns in a log
-    file): while it runs, its bar is lora_ft's, which follows `progress` (a line in a log, nothing when off)."""
-    from transformers import modeling_gguf_pytorch_utils as reader
-
-    own = reader.tqdm
-    reader.tqdm = lambda iterable, desc="", **_: progress.bar(iterable, desc="reading the GGUF weights", unit="tensor")
-    try:
-        yield
-    finally:
-        reader.tqdm = own
 
 
 def _quantized_device_map() -> dict[str, Any] | None:

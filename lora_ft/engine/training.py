@@ -36,7 +36,7 @@ from ..core.errors import Interrupted, UserError
 from ..core.files import now_iso, peak_rss_bytes, sha256_file
 from ..core.manifest import Manifest
 from ..data import SPLITS
-from . import adapter_config, adapters, methods, models, runs
+from . import adapter_config, adapters, gguf_reading, methods, models, runs
 from .adapters import TrainResult as TrainResult  # a task's `train` returns it; its name here from before
 from .callbacks import (
     ProgressLog,
@@ -92,7 +92,7 @@ def start(
     read |= {"the data": Path(config.data)} if config.data else {}  # else the data is found below, checked later
     runs.check_run_free(output, overwrite, resuming=resume is not None, keep=read)
     state = processes()
-    with state.main_process_first():
+    with state.main_process_first(), gguf_reading.each_file_parsed_once():
         data_path, splits = load_splits(config)
         set_seed(config.seed)  # a new head and the LoRA matrices are initialised from this
         tokenizer = models.load_tokenizer(source)

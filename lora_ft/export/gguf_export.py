@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding, Pre
 
 from .. import data
 from ..core.errors import UserError
+from ..engine import gguf_reading
 
 QTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -260,13 +261,14 @@ def check(
     relative to the largest reference logit. Raises UserError otherwise. `read_back`: what transformers must be
     told to load it (the family's `read_back`)."""
     folder, file = path.parent, path.name
-    read_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    mask = batch["attention_mask"].bool()
-    for row, ids in enumerate(batch["input_ids"]):
-        text = tokenizer.decode(ids[mask[row]])
-        if read_tokenizer(text, add_special_tokens=False)["input_ids"] != ids[mask[row]].tolist():
-            raise UserError(f"{file}: its tokenizer splits check text {row + 1} differently; nothing was written")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32, **(read_back or {}))
+    with gguf_reading.each_file_parsed_once():
+        read_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        mask = batch["attention_mask"].bool()
+        for row, ids in enumerate(batch["input_ids"]):
+            text = tokenizer.decode(ids[mask[row]])
+            if read_tokenizer(text, add_special_tokens=False)["input_ids"] != ids[mask[row]].tolist():
+                raise UserError(f"{file}: its tokenizer splits check text {row + 1} differently; nothing was written")
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32, **(read_back or {}))
     with torch.no_grad():
         logits = model.eval()(**batch).logits.double()[mask]
     difference = float((logits - reference).abs().max())
