@@ -51,13 +51,14 @@ def llama_run(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def exports(instruct_run, llama_run, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
-    """Each family at f32 and q8_0; GPT-2 at q8_0 through the command line (and what it prints)."""
+    """Each family at f32 (with the adapter alone as a GGUF LoRA too) and q8_0; GPT-2 at q8_0 through the command
+    line (and what it prints)."""
     adapters = {"gpt2": instruct_run[0].adapter_dir, "llama": llama_run.adapter_dir}
     folders = {}
     for arch, kind in [("gpt2", "f32"), ("gpt2", "q8_0"), ("llama", "f32"), ("llama", "q8_0")]:
         folder = folders[arch, kind] = tmp_path_factory.mktemp("gguf") / f"{arch}-{kind}"
         if (arch, kind) != ("gpt2", "q8_0"):
-            merge.merge(adapters[arch], folder, gguf=kind)
+            merge.merge(adapters[arch], folder, gguf=kind, gguf_adapter=kind == "f32")
             continue
         done = run_cli("merge", str(adapters[arch]), "--output", str(folder), "--gguf", kind)
         assert done.returncode == 0, done.stderr
@@ -153,17 +154,16 @@ def test_unknown_gguf_type_is_refused(instruct_run, tmp_path: Path):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_adapter_alone_as_gguf_lora_applies_as_llama_cpp_does(instruct_run, llama_run, arch: str, tmp_path: Path):
+def test_adapter_alone_as_gguf_lora_applies_as_llama_cpp_does(exports, instruct_run, llama_run, arch: str):
     """`--gguf-adapter`: each A/B pair fits its weight as llama.cpp checks it (A [r, in], B [out, r] in llama.cpp's
     layout), and the merged GGUF's weight minus alpha / r * B A is the base's weight in that layout."""
     adapter = instruct_run[0].adapter_dir if arch == "gpt2" else llama_run.adapter_dir
-    folder = tmp_path / "both"
-    merge.merge(adapter, folder, gguf="f32", gguf_adapter=True)
-    lora = gguf.GGUFReader(folder / "both.lora.gguf")
+    folder = exports[arch, "f32"]
+    lora = gguf.GGUFReader(folder / f"{folder.name}.lora.gguf")
     assert lora.get_field("general.type").contents() == "adapter"
     assert lora.get_field("adapter.type").contents() == "lora"
     alpha = lora.get_field("adapter.lora.alpha").contents()
-    merged = {t.name: t for t in gguf.GGUFReader(folder / "both.gguf").tensors}
+    merged = {t.name: t for t in gguf.GGUFReader(folder / f"{folder.name}.gguf").tensors}
     pairs = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in lora.tensors}
     assert pairs and len(pairs) % 2 == 0
 

@@ -264,7 +264,13 @@ def uninterrupted(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.mark.parametrize(
-    ("signum", "processes", "how"), [(signal.SIGINT, 1, "printed command"), (signal.SIGTERM, 2, "latest")]
+    ("signum", "processes", "how"),
+    [
+        # one process and SIGINT under -m slow: the default suite has them in prefer's resume test (the same engine),
+        # the printed command in test_runs.py and test_studio.py
+        pytest.param(signal.SIGINT, 1, "printed command", marks=pytest.mark.slow),
+        (signal.SIGTERM, 2, "latest"),
+    ],
 )
 def test_interrupted_run_resumes_to_the_uninterrupted_adapter(
     signum: int, processes: int, how: str, uninterrupted: Callable[[int], Path], tiny_gpt2: Path, tmp_path: Path
