@@ -4,6 +4,7 @@ compared with base + adapter; the Ollama Modelfile; what is refused; a corrupted
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import gguf
@@ -121,6 +122,32 @@ def test_export_reads_back_to_base_plus_adapter(exports, instruct_run, llama_run
     assert modelfile.startswith(f"FROM ./{path.name}\n")
     assert 'TEMPLATE """Below is an instruction' in modelfile and "### Instruction:\n{{ .Prompt }}" in modelfile
     assert modelfile.rstrip().endswith("PARAMETER temperature 0") and 'PARAMETER stop "<|endoftext|>"' in modelfile
+
+
+def test_threads_parsing_once_at_the_same_time_leave_the_reader_as_it_was():
+    """Two threads loading at once (serve, studio): the second waits for the first, so that neither puts back a
+    reader that is the other's (the first ending first would leave the second's own memo in place for good)."""
+    own, first_in, second_in, first_may_end, second_may_end = gguf.GGUFReader, *(threading.Event() for _ in range(4))
+
+    def hold(entered: threading.Event, may_end: threading.Event) -> None:
+        with gguf_reading.each_file_parsed_once():
+            entered.set()
+            may_end.wait(10)
+
+    threads = [
+        threading.Thread(target=hold, args=events)
+        for events in ((first_in, first_may_end), (second_in, second_may_end))
+    ]
+    threads[0].start()
+    assert first_in.wait(10)
+    threads[1].start()
+    assert not second_in.wait(0.5)  # waits while the first reads
+    first_may_end.set()
+    assert second_in.wait(10)
+    second_may_end.set()
+    for thread in threads:
+        thread.join(10)
+    assert gguf.GGUFReader is own
 
 
 def test_a_corrupted_file_is_caught(exports, instruct_run, tmp_path: Path):

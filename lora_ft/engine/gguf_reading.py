@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 from ..core import progress
+
+_ONE_AT_A_TIME = threading.RLock()  # threads that load at once (serve, studio) must not restore each other's reader
 
 
 @contextlib.contextmanager
@@ -33,16 +36,17 @@ def each_file_parsed_once() -> Iterator[None]:
     reads of a file that does not change meanwhile: a base loaded for a run, an export read back by its check."""
     import gguf
 
-    own, parsed = gguf.GGUFReader, {}
+    with _ONE_AT_A_TIME:
+        own, parsed = gguf.GGUFReader, {}
 
-    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
-        key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
-        if key not in parsed:
-            parsed[key] = own(path, *args, **kwargs)
-        return parsed[key]
+        def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+            key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+            if key not in parsed:
+                parsed[key] = own(path, *args, **kwargs)
+            return parsed[key]
 
-    gguf.GGUFReader = reader  # transformers imports it at each read, inside its loader
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = own
+        gguf.GGUFReader = reader  # transformers imports it at each read, inside its loader
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = own
