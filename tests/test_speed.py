@@ -216,22 +216,28 @@ def _check_bench_report(report: dict) -> None:
     assert f"{naive['seconds_per_epoch']:.1f}" in table[2]
     compiled = report["setups"]["lora_compile"]
     assert report["compile_speedup"] == lora_ft["seconds_per_epoch"] / compiled["seconds_per_epoch"]
-    assert compiled["compile"] and compiled["warmup_seconds"] > 0
+    assert compiled["warmup_seconds"] > 0
 
 
 @pytest.mark.slow
 def test_bench_end_to_end_on_a_small_gpt2():
     """The whole benchmark (every setup, each in its own process) on a 2-layer GPT-2, a few timed steps each (about
     a minute of CPU, most of it seven processes importing torch: under -m slow)."""
-    _check_bench_report(speed.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=SMALL))
+    report = speed.run(quick=True, tokenizer=str(GPT2_TOKENIZER), architecture=SMALL)
+    _check_bench_report(report)
+    assert report["setups"]["lora_compile"]["compile"]
 
 
 def test_bench_report_on_setups_measured_in_this_process():
     """The benchmark's report, as `bench` assembles it, on every setup measured here (`bench` runs each in its own
-    process: the slow test above) on a 2-layer GPT-2, one warm-up and two timed steps each."""
+    process: the slow test above) on a 2-layer GPT-2, one warm-up and two timed steps each. The compiled setup runs
+    uncompiled here: inductor's first compile on a fresh machine takes most of a minute (the slow test compiles it,
+    and test_compiled_blocks_train_the_same_adapter checks --compile's training)."""
     tokenizer = str(GPT2_TOKENIZER)
     results = {
-        setup.name: speed.measure(replace(setup, warmup_steps=1, timed_steps=2), tokenizer, None, 123, SMALL)
+        setup.name: speed.measure(
+            replace(setup, warmup_steps=1, timed_steps=2, compile=False), tokenizer, None, 123, SMALL
+        )
         for setup in speed.setups(True)
     }
     results["course"] = speed.measure_course(True, tokenizer, None, 123, SMALL)
