@@ -243,7 +243,10 @@ def _adapter_difference(a: Path, b: Path) -> float:
 
 EPOCHS = ["--epochs", "2"]  # 262 steps on the SMS split (131 with two processes): an interrupt lands in the second
 LAUNCH = {1: [sys.executable, "-m", "lora_ft"]}
-LAUNCH[2] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lora_ft"]
+# torchrun SIGKILLs its workers 30 s after a signal unless told otherwise: on a loaded machine the workers' last step
+# and checkpoint can take longer, and the test would then see them killed instead of lora_ft's clean stop
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+LAUNCH[2] = [*TORCHRUN, "--shutdown-timeout", "600", "-m", "lora_ft"]
 
 
 @pytest.fixture(scope="module")
