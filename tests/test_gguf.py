@@ -124,6 +124,21 @@ def test_export_reads_back_to_base_plus_adapter(exports, instruct_run, llama_run
     assert modelfile.rstrip().endswith("PARAMETER temperature 0") and 'PARAMETER stop "<|endoftext|>"' in modelfile
 
 
+def test_parsing_once_inside_another_shares_the_outer_parses(monkeypatch, tmp_path: Path):
+    """A base load holds its own (config and weights), inside a run's that holds the tokenizer's too: the file is
+    parsed once for all three, and each reader put back on the way out."""
+    parses = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path: parses.append(path) or object())
+    counting = gguf.GGUFReader
+    path = tmp_path / "m.gguf"
+    with gguf_reading.each_file_parsed_once():
+        tokenizer_read = gguf.GGUFReader(path)
+        with gguf_reading.each_file_parsed_once():
+            assert gguf.GGUFReader(path) is gguf.GGUFReader(str(path)) is tokenizer_read
+        assert gguf.GGUFReader(path) is tokenizer_read
+    assert parses == [path] and gguf.GGUFReader is counting
+
+
 def test_threads_parsing_once_at_the_same_time_leave_the_reader_as_it_was():
     """Two threads loading at once (serve, studio): the second waits for the first, so that neither puts back a
     reader that is the other's (the first ending first would leave the second's own memo in place for good)."""

@@ -18,7 +18,7 @@ from ..core.errors import UserError
 from ..core.files import MANIFEST_NAME
 from ..core.manifest import Manifest
 from ..core.report import Listed
-from . import adapter_config, gguf_reading, methods
+from . import adapter_config, methods
 from .runs import ADAPTERS_DIR, PARTIAL, RUN_RECORD, newest_checkpoint, output_of, read_run_record, running
 from .runs import find_run as find_run  # the Python API's name for it, from before runs.py
 
@@ -147,8 +147,7 @@ def load_with_base(
     if onto is None:
         # as trained: a bf16 adapter on a bf16 base (emulated where bf16 is not native: slower, the same numbers)
         quantize, precision = (None, "fp32") if full_precision else manifest.as_trained
-        with gguf_reading.each_file_parsed_once():  # its config, then its weights
-            base = load_base(source, tokenizer, manifest, quantize, precision)
+        base = load_base(source, tokenizer, manifest, quantize, precision)
         info = describe_base(source, base)
     else:
         info = onto.base

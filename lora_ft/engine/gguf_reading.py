@@ -33,7 +33,9 @@ def each_file_parsed_once() -> Iterator[None]:
     """While open, each GGUF file is parsed once. transformers parses the whole file again for each thing it builds
     from it (the config, the tokenizer, the weights), and a parse reads the tokenizer's 100,000 strings one by one
     in Python: about 3 s each for GPT-2's or SmolLM2's vocabulary, so a model with its tokenizer took four. For
-    reads of a file that does not change meanwhile: a base loaded for a run, an export read back by its check."""
+    reads of a file that does not change meanwhile: a base loaded, an export read back by its check. Opened inside
+    another, it reads through the outer one's, so the outer's parses are shared (a run's tokenizer and base)."""
+
     import gguf
 
     with _ONE_AT_A_TIME:

@@ -282,7 +282,8 @@ def _load_base(
             raise UserError(f"`quantize`: {source.spec} is a GGUF checkpoint; quantise a safetensors checkpoint")
         kwargs.update(quantization_config=quantization, device_map=_quantized_device_map())
     try:
-        with gguf_reading.bar_as_lora_fts():
+        # one parse for the config and the weights; with the tokenizer's too where the caller holds it open (a run)
+        with gguf_reading.bar_as_lora_fts(), gguf_reading.each_file_parsed_once():
             model = _from_hub(
                 auto_class.from_pretrained,
                 source,
